@@ -1,0 +1,205 @@
+"""The HTTP face: Docker Registry HTTP API V2 / OCI distribution, pull side.
+
+Routes::
+
+    GET        /v2/                              API version check
+    GET|HEAD   /v2/<name>/manifests/<reference>  proxy.manifests
+    GET|HEAD   /v2/<name>/blobs/<digest>         proxy.blobs
+    GET        /v2/<name>/tags/list              proxy.manifests (tags_list)
+    *          /v2/...                           405 UNSUPPORTED for anything that would write
+    GET        /healthz                          the process is up
+
+Resources (storage, upstream sessions, services) are created in ``cleanup_ctx`` and live under
+typed ``web.AppKey`` keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from proxy.blobs import BlobService
+from proxy.config import Config
+from proxy.errors import (
+    Handler,
+    ManifestInvalid,
+    NameInvalid,
+    RegistryError,
+    Unsupported,
+    error_middleware,
+)
+from proxy.manifests import ManifestService
+from proxy.reference import check_digest, check_name, check_reference
+from proxy.routing import Router
+from proxy.upstream import Upstream, Upstreams
+from storage.filesystem import FilesystemStorage
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+STORAGE = web.AppKey("storage", FilesystemStorage)
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
+ROUTER = web.AppKey("router", Router)
+BLOBS = web.AppKey("blobs", BlobService)
+MANIFESTS = web.AppKey("manifests", ManifestService)
+
+API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+READ_METHODS = ("GET", "HEAD")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, after its body was sent: method, path, status, bytes, time, cache."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        cache = response.headers.get("X-Cache", "-")
+        if request.get("cache") == "miss-aborted":
+            cache = "ABORTED"
+        self.logger.info(
+            "request method=%s path=%s status=%d bytes=%d duration=%.3f cache=%s",
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
+            cache,
+        )
+
+
+@web.middleware
+async def api_headers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        resp = await handler(request)
+    except RegistryError as exc:
+        exc.headers = {**API_HEADERS, **exc.headers}
+        raise
+    if not resp.prepared:
+        resp.headers.update(API_HEADERS)
+    return resp
+
+
+def split_path(path: str) -> tuple[str, str, str]:
+    """``name/manifests/ref`` -> ``(name, "manifests", ref)``; the last marker wins."""
+    for kind in ("manifests", "blobs"):
+        name, sep, ref = path.rpartition(f"/{kind}/")
+        if sep and name and ref and "/" not in ref:
+            return name, kind, ref
+    name, sep, rest = path.rpartition("/tags/")
+    if sep and name and rest == "list":
+        return name, "tags", "list"
+    raise web.HTTPNotFound()
+
+
+def _route(request: web.Request, name: str) -> tuple[Upstream, str]:
+    if len(name) > 512:
+        raise NameInvalid({"name": name[:300]})
+    check_name(name)
+    upstream_name, repository = request.app[ROUTER].route(name, request.query.get("ns"))
+    return request.app[UPSTREAMS][upstream_name], repository
+
+
+async def handle_base(request: web.Request) -> web.Response:
+    return web.json_response({}, headers=API_HEADERS)
+
+
+async def handle_v2(request: web.Request) -> web.StreamResponse:
+    if request.method not in READ_METHODS:
+        raise Unsupported({"method": request.method})
+    name, kind, ref = split_path(request.match_info["path"])
+    if kind == "blobs":
+        check_name(name)
+        check_digest(ref)
+        upstream, repository = _route(request, name)
+        return await request.app[BLOBS].serve(request, upstream, repository, ref)
+    if kind == "manifests":
+        check_name(name)
+        check_reference(ref)
+        upstream, repository = _route(request, name)
+        return await serve_manifest(request, upstream, repository, ref)
+    upstream, repository = _route(request, name)
+    return await serve_tags(request, upstream, repository)
+
+
+async def serve_manifest(
+    request: web.Request, upstream: Upstream, repository: str, reference: str
+) -> web.StreamResponse:
+    head = request.method == "HEAD"
+    manifest = await request.app[MANIFESTS].get(upstream, repository, reference, head=head)
+    headers = {
+        "Docker-Content-Digest": manifest.digest,
+        "Content-Type": manifest.media_type,
+        "X-Cache": manifest.cache,
+        "ETag": f'"{manifest.digest}"',
+    }
+    if manifest.data is not None:
+        return web.Response(body=manifest.data, headers=headers)
+    # A HEAD answered from what upstream's HEAD said: no bytes here, only their length.
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = manifest.size
+    return resp
+
+
+async def serve_tags(request: web.Request, upstream: Upstream, repository: str) -> web.Response:
+    query = {}
+    for key in ("n", "last"):
+        if key in request.query:
+            value = request.query[key]
+            if key == "n" and (not value.isdigit() or len(value) > 9):
+                raise ManifestInvalid({"n": value[:50]}, message="n must be a number")
+            query[key] = value
+    body, headers, cache = await request.app[MANIFESTS].tags_list(upstream, repository, query)
+    return web.Response(
+        body=body, content_type="application/json", headers={**headers, "X-Cache": cache}
+    )
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def handle_other(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[api_headers_middleware, error_middleware],
+        client_max_size=1024,
+        handler_args={"max_line_size": 8190, "max_field_size": 8190},
+    )
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/v2/", handle_base, allow_head=True)
+    app.router.add_get("/v2", handle_base, allow_head=True)
+    app.router.add_route("*", "/v2/{path:.+}", handle_v2)
+    app.router.add_get("/healthz", handle_healthz, allow_head=True)
+    app.router.add_route("*", "/{path:.*}", handle_other)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    storage = FilesystemStorage(config.storage)
+    storage.open()
+    upstreams = Upstreams(config.upstreams)
+    await upstreams.start()
+    app[STORAGE] = storage
+    app[UPSTREAMS] = upstreams
+    app[ROUTER] = Router(config.upstreams, config.default_upstream)
+    app[BLOBS] = BlobService(storage, offline=config.offline)
+    app[MANIFESTS] = ManifestService(storage, storage, offline=config.offline)
+    log.info(
+        "regproxy ready storage=%s upstreams=%s default=%s",
+        storage.root, ",".join(f"{n}={u.url}" for n, u in config.upstreams.items()),
+        config.default_upstream,
+    )
+    try:
+        yield
+    finally:
+        await app[BLOBS].close()
+        await upstreams.close()
+        storage.close()

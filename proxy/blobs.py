@@ -1,0 +1,340 @@
+"""The blob read path: local first, else one shared upstream download teed to every client.
+
+A cold blob is fetched by one :class:`Download` task per digest, owned by the app (not by the
+request that started it), which writes the upstream bytes to a temp file while hashing them.
+Every client asking for that digest meanwhile, the first included, follows the growing file
+(:func:`stream_download`) and gets bytes as soon as they arrive — containerd gives up after 30 s
+without response headers, so nothing waits for the whole blob.
+
+Two rules keep a client from ever receiving a complete but wrong blob:
+
+* the last byte is held back until the download is verified (size and digest) and committed;
+* if it fails, the client's connection is aborted short of ``Content-Length``, which every
+  client reports as an error, and nothing is committed.
+
+A client that disconnects leaves the download running for the others and for the cache.
+An upstream connection cut mid-blob is resumed with a ``Range`` request from the last byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from proxy.errors import (
+    BlobUnknown,
+    StorageError,
+    UpstreamContentError,
+    UpstreamError,
+    UpstreamUnreachable,
+    to_registry_error,
+)
+from proxy.singleflight import SingleFlight
+from proxy.upstream import Upstream
+from storage.base import BlobWriter, ContentStore
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+#: Upstream reconnects (with ``Range``) for one download before giving up.
+MAX_RESUMES = 5
+
+
+@dataclass(eq=False)
+class Download:
+    """One upstream fetch of one blob, shared by every client that wants it."""
+
+    digest: str
+    upstream: Upstream
+    repository: str
+    #: Size from upstream's ``Content-Length``; None until headers arrived or if not sent.
+    size: int | None = None
+    #: Bytes in the temp file so far.
+    written: int = 0
+    committed: bool = False
+    error: BaseException | None = None
+    writer: BlobWriter | None = None
+    path: Path | None = None
+    started: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.committed or self.error is not None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        if not self.started.done():
+            self.started.set_exception(exc)
+            self.started.exception()  # retrieved here; each waiter re-raises it
+        self._notify()
+
+
+class BlobService:
+    """Serves blobs from the content store, fetching misses from upstream once."""
+
+    def __init__(self, store: ContentStore, *, offline: bool = False) -> None:
+        self.store = store
+        self.offline = offline
+        self.flights: SingleFlight[str, None] = SingleFlight()
+        self.downloads: dict[str, Download] = {}
+
+    async def close(self) -> None:
+        await self.flights.cancel_all()
+
+    def download(self, upstream: Upstream, repository: str, digest: str) -> Download:
+        """The download in flight for ``digest``, or a new one."""
+        current = self.downloads.get(digest)
+        if current is not None and not current.done:
+            return current
+        dl = Download(digest=digest, upstream=upstream, repository=repository)
+        self.downloads[digest] = dl
+        self.flights.start(digest, lambda: self._run(dl))
+        return dl
+
+    async def _run(self, dl: Download) -> None:
+        try:
+            await self._fetch(dl)
+        except asyncio.CancelledError:
+            dl.fail(UpstreamUnreachable("download cancelled", upstream=dl.upstream.name))
+            raise
+        except (UpstreamError, StorageError) as exc:
+            log.warning(
+                "blob download failed digest=%s upstream=%s error=%s",
+                dl.digest, dl.upstream.name, exc,
+            )
+            dl.fail(exc)
+        except Exception as exc:
+            log.exception("blob download crashed digest=%s", dl.digest)
+            dl.fail(exc)
+        finally:
+            if dl.writer is not None and not dl.committed:
+                await dl.writer.cancel()
+            if self.downloads.get(dl.digest) is dl:
+                del self.downloads[dl.digest]
+
+    async def _fetch(self, dl: Download) -> None:
+        upstream = dl.upstream
+        path = f"/v2/{dl.repository}/blobs/{dl.digest}"
+        scope = f"repository:{dl.repository}:pull"
+        resumes = 0
+        while True:
+            headers = {"Range": f"bytes={dl.written}-"} if dl.written else {}
+            try:
+                async with upstream.request(
+                    "GET", path, scope=scope, headers=headers, expect=(200, 206)
+                ) as resp:
+                    skip = self._start_or_resume(dl, resp)
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        if skip:
+                            cut = min(skip, len(chunk))
+                            chunk, skip = chunk[cut:], skip - cut
+                            if not chunk:
+                                continue
+                        if dl.size is not None and dl.written + len(chunk) > dl.size:
+                            raise UpstreamContentError(
+                                "upstream sent more bytes than announced", upstream=upstream.name
+                            )
+                        assert dl.writer is not None
+                        dl.writer.write(chunk)
+                        dl.written += len(chunk)
+                        dl._notify()
+                if dl.size is None or dl.written >= dl.size:
+                    break
+                raise UpstreamUnreachable("connection ended early", upstream=upstream.name)
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, UpstreamUnreachable) as exc:
+                # The stream broke mid-blob: resume from the last byte we have.
+                if dl.writer is None or resumes >= MAX_RESUMES:
+                    raise UpstreamUnreachable(
+                        f"blob download broke: {type(exc).__name__}", upstream=upstream.name
+                    ) from exc
+                resumes += 1
+                log.info(
+                    "resuming blob download digest=%s offset=%d attempt=%d",
+                    dl.digest, dl.written, resumes,
+                )
+        assert dl.writer is not None
+        try:
+            await dl.writer.commit(dl.digest, dl.size)
+        except UpstreamContentError as exc:
+            exc.upstream = upstream.name
+            raise
+        dl.committed = True
+        dl.path = self.store.blob_path(dl.digest)
+        dl._notify()
+        log.debug("blob cached digest=%s size=%d", dl.digest, dl.written)
+
+    def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
+        """Check the response against what we have; return how many leading bytes to skip."""
+        if dl.writer is None:
+            length = resp.content_length if resp.status == 200 else None
+            if resp.status == 206:
+                raise UpstreamContentError("unrequested partial content", upstream=dl.upstream.name)
+            dl.size = length
+            dl.writer = self.store.blob_writer(dl.digest)
+            dl.path = dl.writer.path
+            dl.started.set_result(None)
+            dl._notify()
+            return 0
+        if resp.status == 206:
+            content_range = resp.headers.get("Content-Range", "")
+            if not content_range.startswith(f"bytes {dl.written}-"):
+                raise UpstreamContentError(
+                    "upstream resumed at the wrong offset", upstream=dl.upstream.name
+                )
+            return 0
+        # 200 to a Range request: the upstream cannot resume; skip what we already have.
+        if dl.size is not None and resp.content_length not in (None, dl.size):
+            raise UpstreamContentError("blob size changed on resume", upstream=dl.upstream.name)
+        return dl.written
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def serve(
+        self, request: web.Request, upstream: Upstream, repository: str, digest: str
+    ) -> web.StreamResponse:
+        head = request.method == "HEAD"
+        size = await self.store.stat_blob(digest)
+        if size is not None:
+            return self._serve_local(request, digest, size)
+        if self.offline:
+            raise BlobUnknown({"digest": digest}, message="blob not cached (offline mode)")
+        if head:
+            return await self._head_upstream(upstream, repository, digest)
+        dl = self.download(upstream, repository, digest)
+        try:
+            await dl.started
+        except UpstreamError as exc:
+            raise to_registry_error(exc, not_found=BlobUnknown) from exc
+        if request.http_range.start is not None or request.http_range.stop is not None:
+            # A range of a blob still downloading: wait for the verified whole, then serve it.
+            await self._wait_done(dl)
+            return self._serve_local(request, digest, dl.written)
+        return await stream_download(request, dl, digest)
+
+    async def _wait_done(self, dl: Download) -> None:
+        while not dl.done:
+            await dl.wait_change()
+        if dl.error is not None:
+            if isinstance(dl.error, UpstreamError):
+                raise to_registry_error(dl.error, not_found=BlobUnknown)
+            raise dl.error
+
+    def _serve_local(self, request: web.Request, digest: str, size: int) -> web.StreamResponse:
+        resp = web.FileResponse(
+            self.store.blob_path(digest),
+            chunk_size=CHUNK,
+            headers={
+                "Docker-Content-Digest": digest,
+                "Content-Type": "application/octet-stream",
+                "Accept-Ranges": "bytes",
+                "X-Cache": "HIT",
+                "Cache-Control": "max-age=31536000, immutable",
+            },
+        )
+        request["cache"] = "hit"
+        return resp
+
+    async def _head_upstream(
+        self, upstream: Upstream, repository: str, digest: str
+    ) -> web.StreamResponse:
+        try:
+            async with upstream.request(
+                "HEAD", f"/v2/{repository}/blobs/{digest}", scope=f"repository:{repository}:pull"
+            ) as resp:
+                length = resp.content_length
+        except UpstreamError as exc:
+            raise to_registry_error(exc, not_found=BlobUnknown) from exc
+        out = web.StreamResponse(
+            headers={
+                "Docker-Content-Digest": digest,
+                "Content-Type": "application/octet-stream",
+                "X-Cache": "MISS",
+            }
+        )
+        if length is not None:
+            out.content_length = length
+        return out
+
+
+async def stream_download(request: web.Request, dl: Download, digest: str) -> web.StreamResponse:
+    """Follow ``dl``'s temp file to the client, holding the last byte until it is verified."""
+    resp = web.StreamResponse(
+        headers={
+            "Docker-Content-Digest": digest,
+            "Content-Type": "application/octet-stream",
+            "X-Cache": "MISS",
+        }
+    )
+    if dl.size is not None:
+        resp.content_length = dl.size
+    request["cache"] = "miss"
+    assert dl.path is not None
+    try:
+        # dl.path is the temp file until commit and the final file after: both hold the bytes.
+        fd = os.open(dl.path, os.O_RDONLY)
+    except OSError as exc:
+        cause = dl.error or StorageError("cannot open download", path=str(dl.path))
+        if isinstance(cause, UpstreamError):
+            raise to_registry_error(cause, not_found=BlobUnknown) from exc
+        raise cause from exc
+    offset = 0
+    try:
+        await resp.prepare(request)
+        while True:
+            if dl.error is not None:
+                raise _Aborted(dl.error)
+            # Until commit, keep the final byte back: a wrong blob must never look complete.
+            limit = dl.written if dl.committed else dl.written - 1
+            if offset < limit:
+                data = os.pread(fd, min(CHUNK, limit - offset), offset)
+                if not data:
+                    raise _Aborted(StorageError("temp file shrank", path=str(dl.path)))
+                await resp.write(data)
+                offset += len(data)
+                continue
+            if dl.committed:
+                break
+            await dl.wait_change()
+        await resp.write_eof()
+        return resp
+    except _Aborted as exc:
+        log.warning("aborting client response digest=%s sent=%d error=%s", digest, offset, exc.cause)
+        request["cache"] = "miss-aborted"
+        if not resp.prepared:
+            if isinstance(exc.cause, UpstreamError):
+                raise to_registry_error(exc.cause, not_found=BlobUnknown) from exc.cause
+            raise
+        _abort(request)
+        return resp
+    finally:
+        os.close(fd)
+
+
+class _Aborted(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _abort(request: web.Request) -> None:
+    """Cut the client's connection so a short body can never pass for a whole one."""
+    transport = request.transport
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.abort()
+

@@ -1,0 +1,140 @@
+"""The ``regproxy`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import ssl
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config import DOCKER_HUB_URL, Config, ConfigError, load_config
+from proxy.errors import StorageError
+
+log = logging.getLogger("proxy")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    parser.add_argument(
+        "--storage", metavar="PATH", help="cache directory (default ./regproxy-data)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="regproxy",
+        description="Pull-through caching registry proxy for Docker Hub and OCI registries.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    _add_config_flags(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
+    serve.add_argument(
+        "--upstream", metavar="URL", help=f"the default upstream registry (default {DOCKER_HUB_URL})"
+    )
+    serve.add_argument("--tag-ttl", metavar="DURATION", help="how long a tag is trusted before revalidation (default 5m)")
+    serve.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error (default info)")
+    serve.add_argument("--upstream-username", metavar="USER", help="username for the default upstream")
+    serve.add_argument(
+        "--upstream-password-file",
+        metavar="FILE",
+        help="file holding the default upstream's password (or set REGPROXY_UPSTREAM_PASSWORD)",
+    )
+    serve.add_argument("--max-size", metavar="SIZE", help="bound the cache, e.g. 50GiB")
+    serve.add_argument("--offline", action="store_true", default=None, help="never contact upstream")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    serve.set_defaults(handler=cmd_serve)
+    return parser
+
+
+#: argparse destination -> configuration path.
+FLAG_PATHS = {
+    "listen": "listen",
+    "upstream": "upstream",
+    "storage": "storage",
+    "tag_ttl": "tag_ttl",
+    "log_level": "log_level",
+    "upstream_username": "upstream_username",
+    "upstream_password_file": "upstream_password_file",
+    "max_size": "cache.max_size",
+    "offline": "offline",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {path: getattr(args, dest, None) for dest, path in FLAG_PATHS.items()}
+    return load_config(config_file=args.config, flags=flags)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    setup_logging(config.log_level)
+    from proxy.app import AccessLogger, create_app  # late: start-up errors above print faster
+
+    ssl_context = None
+    if config.tls_cert and config.tls_key:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("tls_cert", f"cannot load certificate and key: {exc}") from None
+    host, port = config.listen_address
+    _install_uvloop()
+    app = create_app(config)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        ssl_context=ssl_context,
+        print=None,
+        access_log=logging.getLogger("proxy.access"),
+        access_log_class=AccessLogger,
+        handle_signals=True,
+        shutdown_timeout=5.0,
+    )
+    return 0
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional: the stdlib loop works, only slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Any = args.handler
+    try:
+        return int(handler(args))
+    except ConfigError as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"regproxy: storage error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"regproxy: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+

@@ -1,0 +1,466 @@
+"""Typed configuration: defaults < YAML file < ``REGPROXY_*`` environment < command-line flags.
+
+Every scalar setting has a dotted path in the YAML file (``cache.max_size``), an environment
+variable named after that path (``REGPROXY_CACHE_MAX_SIZE``; the flag's name works too:
+``REGPROXY_MAX_SIZE``) and usually a flag (``--max-size``). A bad value stops start-up with a
+:class:`ConfigError` that names the key; secrets never appear in its message.
+
+``upstream: URL`` (``--upstream``) is the shorthand for one default upstream called ``docker.io``,
+the registry a Docker daemon's ``registry-mirrors`` stands in for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+#: Hosts that name Docker Hub in containerd's ``?ns=`` and in image references.
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"configuration error: {key}: {problem}")
+        self.key = key
+
+
+# -- value parsers -----------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
+
+
+def parse_duration(value: object) -> float:
+    """``"5m"``, ``"1h30m"``, ``"90s"``, ``"250ms"`` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5m, 1h or 30s")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    pos, total = 0, 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"{value!r} is not a duration such as 5m, 1h or 30s")
+    return total
+
+
+def parse_size(value: object) -> int:
+    """``"50GiB"``, ``"500MB"``, ``"1.5G"`` or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 50GiB or 500MB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    match = _SIZE_RE.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a size such as 50GiB or 500MB")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    binary = "i" in unit
+    letter = unit.rstrip("b").rstrip("i")
+    if letter not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} has an unknown unit")
+    scale = 1024 ** ("kmgtp".index(letter) + 1) if binary and letter else _SIZE_UNITS[letter]
+    return int(number * scale)
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def parse_url(value: object) -> str:
+    text = str(value).strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    if parts.username or parts.password:
+        raise ValueError("credentials do not belong in the URL; use username and password_file")
+    return text
+
+
+def parse_listen(value: object) -> tuple[str, int]:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_log_level(value: object) -> str:
+    text = str(value).strip().lower()
+    if text == "warn":
+        text = "warning"
+    if text not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text
+
+
+# -- the typed configuration -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One registry regproxy pulls from."""
+
+    #: The name clients route by (``?ns=`` host or path prefix); also the storage namespace.
+    name: str
+    #: Base URL, e.g. ``https://registry-1.docker.io``.
+    url: str
+    #: Username for Basic auth or the token service; anonymous when unset.
+    username: str | None = None
+    #: Password or token; from a file or the environment, never a flag. Not shown in repr.
+    password: str | None = field(default=None, repr=False)
+    #: How long a tag -> digest answer is trusted before revalidating with HEAD; defaults to the
+    #: global ``tag_ttl``.
+    tag_ttl: float = 300.0
+    #: Connections to this upstream at most; defaults to 32.
+    max_connections: int = 32
+    #: Whether ``alpine`` means ``library/alpine`` (Docker Hub's convention); defaults to true for
+    #: the Docker Hub upstream only.
+    library_prefix: bool = False
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Bounds of the local cache."""
+
+    #: Bytes on disk at most; unbounded when unset.
+    max_size: int | None = None
+    #: Eviction starts above this fraction of ``max_size``; defaults to 0.95.
+    high_watermark: float = 0.95
+    #: Eviction stops below this fraction of ``max_size``; defaults to 0.85.
+    low_watermark: float = 0.85
+    #: Image globs (``library/postgres:16*``) never evicted; defaults to none.
+    pin: tuple[str, ...] = ()
+    #: Also evict what was not used for this long (seconds); off when unset.
+    blob_ttl: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``regproxy serve`` needs."""
+
+    #: ``HOST:PORT`` to listen on; defaults to ``0.0.0.0:5000``.
+    listen: str = "0.0.0.0:5000"
+    #: The cache directory; defaults to ``./regproxy-data``.
+    storage: Path = Path("./regproxy-data")
+    #: Default tag TTL in seconds; defaults to 5 minutes.
+    tag_ttl: float = 300.0
+    #: Logging level; defaults to ``info``.
+    log_level: str = "info"
+    #: Upstreams by name; defaults to Docker Hub as ``docker.io``.
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    #: The upstream for requests that name none; defaults to ``docker.io``.
+    default_upstream: str = DOCKER_HUB
+    #: Cache bounds.
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    #: Never contact an upstream; defaults to false.
+    offline: bool = False
+    #: Redis URL for shared metadata; in-process when unset.
+    redis_url: str | None = None
+    #: TLS certificate and key files; plain HTTP when unset.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: The ``platforms:`` section as written (validated by ``proxy.platforms``).
+    platforms: Mapping[str, Any] = field(default_factory=dict)
+    #: The ``auth:`` section as written.
+    auth: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    def upstream(self, name: str | None = None) -> UpstreamConfig:
+        return self.upstreams[name or self.default_upstream]
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A scalar setting reachable from a flag and the environment."""
+
+    path: str
+    flag: str | None = None
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        names = ["REGPROXY_" + self.path.upper().replace(".", "_")]
+        if self.flag:
+            flag_env = "REGPROXY_" + self.flag.lstrip("-").upper().replace("-", "_")
+            if flag_env not in names:
+                names.append(flag_env)
+        return tuple(names)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "--listen"),
+    Setting("upstream", "--upstream"),
+    Setting("storage", "--storage"),
+    Setting("tag_ttl", "--tag-ttl"),
+    Setting("log_level", "--log-level"),
+    Setting("upstream_username", "--upstream-username"),
+    Setting("upstream_password_file", "--upstream-password-file"),
+    Setting("upstream_password"),  # environment or file only: never a flag
+    Setting("default_upstream"),
+    Setting("cache.max_size", "--max-size"),
+    Setting("cache.high_watermark"),
+    Setting("cache.low_watermark"),
+    Setting("cache.blob_ttl", "--blob-ttl"),
+    Setting("offline", "--offline"),
+    Setting("redis.url", "--redis"),
+    Setting("tls_cert", "--tls-cert"),
+    Setting("tls_key", "--tls-key"),
+)
+
+TOP_LEVEL_KEYS = frozenset(
+    {s.path.split(".")[0] for s in SETTINGS} | {"upstreams", "platforms", "auth", "cache", "redis"}
+)
+UPSTREAM_KEYS = frozenset(
+    {"url", "username", "password", "password_file", "tag_ttl", "max_connections", "library_prefix"}
+)
+CACHE_KEYS = frozenset({"max_size", "high_watermark", "low_watermark", "pin", "blob_ttl"})
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("config", f"{path} is not valid YAML{where}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of settings")
+    return data
+
+
+def load_config(
+    *,
+    config_file: Path | str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge the layers and build a validated :class:`Config`.
+
+    ``flags`` maps setting paths (``"cache.max_size"``) to values given on the command line;
+    ``None`` values are ignored. The config file may also come from ``REGPROXY_CONFIG``.
+    """
+    env = os.environ if environ is None else environ
+    config_file = config_file or env.get("REGPROXY_CONFIG")
+    raw: dict[str, Any] = read_file(Path(config_file)) if config_file else {}
+    for setting in SETTINGS:
+        for name in setting.env_names:
+            if name in env:
+                _set_path(raw, setting.path, env[name])
+                break
+    for path, value in (flags or {}).items():
+        if value is not None:
+            _set_path(raw, path, value)
+    return build_config(raw)
+
+
+def _field(raw: Mapping[str, Any], key: str, parse: Any, prefix: str = "") -> Any:
+    try:
+        return parse(raw[key])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(prefix + key, str(exc)) from None
+
+
+def _read_secret(path: object, key: str) -> str:
+    try:
+        return Path(str(path)).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read the password file: {exc.strerror}") from None
+
+
+def _mapping(value: object, key: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "must be a mapping")
+    return value
+
+
+def _check_keys(section: Mapping[str, Any], allowed: frozenset[str], prefix: str) -> None:
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}", "unknown setting")
+
+
+def build_config(raw: Mapping[str, Any]) -> Config:
+    """Validate a merged settings tree (the YAML file's shape) into a :class:`Config`."""
+    _check_keys(raw, TOP_LEVEL_KEYS, "")
+    kwargs: dict[str, Any] = {}
+    if "listen" in raw:
+        _field(raw, "listen", parse_listen)
+        kwargs["listen"] = str(raw["listen"]).strip()
+    if "storage" in raw:
+        if not str(raw["storage"]).strip():
+            raise ConfigError("storage", "must be a directory path")
+        kwargs["storage"] = Path(str(raw["storage"]))
+    tag_ttl = _field(raw, "tag_ttl", parse_duration) if "tag_ttl" in raw else 300.0
+    kwargs["tag_ttl"] = tag_ttl
+    if "log_level" in raw:
+        kwargs["log_level"] = _field(raw, "log_level", parse_log_level)
+    if "offline" in raw:
+        kwargs["offline"] = _field(raw, "offline", parse_bool)
+    for key in ("tls_cert", "tls_key"):
+        if raw.get(key):
+            kwargs[key] = Path(str(raw[key]))
+    if bool(kwargs.get("tls_cert")) != bool(kwargs.get("tls_key")):
+        raise ConfigError("tls_key" if kwargs.get("tls_cert") else "tls_cert", "set both or neither")
+    redis = _mapping(raw.get("redis"), "redis")
+    _check_keys(redis, frozenset({"url"}), "redis.")
+    if redis.get("url"):
+        url = str(redis["url"])
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+        kwargs["redis_url"] = url
+    kwargs["cache"] = _build_cache(_mapping(raw.get("cache"), "cache"))
+    upstreams, default = _build_upstreams(raw, tag_ttl)
+    kwargs["upstreams"] = upstreams
+    kwargs["default_upstream"] = default
+    kwargs["platforms"] = _mapping(raw.get("platforms"), "platforms")
+    kwargs["auth"] = _mapping(raw.get("auth"), "auth")
+    return Config(**kwargs)
+
+
+def _build_cache(section: Mapping[str, Any]) -> CacheConfig:
+    _check_keys(section, CACHE_KEYS, "cache.")
+    kwargs: dict[str, Any] = {}
+    if section.get("max_size") not in (None, ""):
+        kwargs["max_size"] = _field(section, "max_size", parse_size, "cache.")
+    for key in ("high_watermark", "low_watermark"):
+        if key in section:
+            value = _field(section, key, float, "cache.")
+            if not 0 < value <= 1:
+                raise ConfigError(f"cache.{key}", "must be a fraction between 0 and 1")
+            kwargs[key] = value
+    if kwargs.get("low_watermark", 0.85) > kwargs.get("high_watermark", 0.95):
+        raise ConfigError("cache.low_watermark", "must not exceed cache.high_watermark")
+    if section.get("blob_ttl") not in (None, ""):
+        kwargs["blob_ttl"] = _field(section, "blob_ttl", parse_duration, "cache.")
+    pins = section.get("pin") or ()
+    if isinstance(pins, str):
+        pins = [pins]
+    if not isinstance(pins, list | tuple) or not all(isinstance(p, str) for p in pins):
+        raise ConfigError("cache.pin", "must be a list of image globs")
+    kwargs["pin"] = tuple(pins)
+    return CacheConfig(**kwargs)
+
+
+def _build_upstreams(raw: Mapping[str, Any], tag_ttl: float) -> tuple[dict[str, UpstreamConfig], str]:
+    sections = dict(_mapping(raw.get("upstreams"), "upstreams"))
+    default = str(raw.get("default_upstream") or DOCKER_HUB)
+    if not sections:
+        sections = {default: {"url": DOCKER_HUB_URL}}
+    # The single-upstream shorthand: --upstream / upstream: / upstream_username / password.
+    shorthand = {
+        "url": raw.get("upstream"),
+        "username": raw.get("upstream_username"),
+        "password": raw.get("upstream_password"),
+        "password_file": raw.get("upstream_password_file"),
+    }
+    if any(v not in (None, "") for v in shorthand.values()):
+        target = dict(_mapping(sections.get(default), f"upstreams.{default}"))
+        for key, value in shorthand.items():
+            if value not in (None, ""):
+                target[key] = value
+        sections[default] = target
+    if default not in sections:
+        raise ConfigError("default_upstream", f"{default!r} is not one of the upstreams")
+    result = {}
+    for name, section in sections.items():
+        result[str(name)] = _build_upstream(str(name), section, tag_ttl)
+    return result, default
+
+
+def _build_upstream(name: str, section: object, tag_ttl: float) -> UpstreamConfig:
+    prefix = f"upstreams.{name}."
+    if isinstance(section, str):
+        section = {"url": section}
+    section = _mapping(section, prefix.rstrip("."))
+    _check_keys(section, UPSTREAM_KEYS, prefix)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.:_-]*", name):
+        raise ConfigError(prefix.rstrip("."), "an upstream name is a host name or a simple word")
+    if not section.get("url"):
+        raise ConfigError(prefix + "url", "is required")
+    url = _field(section, "url", parse_url, prefix)
+    password = section.get("password")
+    if section.get("password_file"):
+        password = _read_secret(section["password_file"], prefix + "password_file")
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "url": url,
+        "username": str(section["username"]) if section.get("username") else None,
+        "password": str(password) if password else None,
+        "tag_ttl": _field(section, "tag_ttl", parse_duration, prefix)
+        if "tag_ttl" in section
+        else tag_ttl,
+        "library_prefix": name in DOCKER_HUB_ALIASES
+        or urlsplit(url).netloc in DOCKER_HUB_ALIASES,
+    }
+    if "library_prefix" in section:
+        kwargs["library_prefix"] = _field(section, "library_prefix", parse_bool, prefix)
+    if "max_connections" in section:
+        value = _field(section, "max_connections", int, prefix)
+        if value < 1:
+            raise ConfigError(prefix + "max_connections", "must be at least 1")
+        kwargs["max_connections"] = value
+    if kwargs["password"] and not kwargs["username"]:
+        raise ConfigError(prefix + "username", "a password needs a username")
+    return UpstreamConfig(**kwargs)

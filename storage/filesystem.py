@@ -1,0 +1,294 @@
+"""The filesystem backend: the embedded default, needing no other service.
+
+Content becomes visible only through ``os.replace`` of a fully written, fsynced, verified temp file,
+so a crash at any moment leaves either the whole verified file or nothing under its digest; the
+temp files it leaves behind are removed at the next start (see :meth:`FilesystemStorage.open`).
+
+Blob and manifest writes use plain ``os.write`` on the event loop: writes into the page cache take
+microseconds, and a thread hop per chunk costs more than it saves. ``fsync`` (which can take
+milliseconds) runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from proxy.errors import StorageError, UpstreamContentError
+from storage.base import TagEntry
+
+log = logging.getLogger(__name__)
+
+
+def _split(digest: str) -> tuple[str, str]:
+    algorithm, _, hexpart = digest.partition(":")
+    return algorithm, hexpart
+
+
+class FilesystemBlobWriter:
+    """Writes one blob to a temp file, hashing as it goes."""
+
+    def __init__(self, storage: FilesystemStorage, digest: str) -> None:
+        self._storage = storage
+        self._digest = digest
+        self._final = storage.blob_path(digest)
+        self.path = storage.tmp_dir / f"{_split(digest)[1][:16]}-{uuid.uuid4().hex}"
+        self.size = 0
+        self._hash = hashlib.new(_split(digest)[0])
+        self._done = False
+        try:
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise storage.error("cannot create temp file", self.path, exc) from exc
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise StorageError("write after commit or cancel", path=str(self.path))
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise self._storage.error("cannot write temp file", self.path, exc) from exc
+        self._hash.update(data)
+        self.size += len(data)
+
+    async def commit(self, expected_digest: str, expected_size: int | None = None) -> None:
+        actual = f"{_split(expected_digest)[0]}:{self._hash.hexdigest()}"
+        if expected_size is not None and self.size != expected_size:
+            await self.cancel()
+            raise UpstreamContentError(
+                f"size mismatch: expected {expected_size}, got {self.size}", upstream=""
+            )
+        if actual != expected_digest:
+            await self.cancel()
+            raise UpstreamContentError(
+                f"digest mismatch: expected {expected_digest}, got {actual}", upstream=""
+            )
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+            os.close(fd)
+            self._final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, self._final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            await self.cancel()
+            raise self._storage.error("cannot commit blob", self._final, exc) from exc
+        self._done = True
+
+    async def cancel(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    self.path.unlink()
+                except OSError as exc:
+                    log.error("cannot remove temp file path=%s error=%s", self.path, exc)
+
+
+class FilesystemStorage:
+    """Content and metadata in one directory tree (layout in ``storage/__init__.py``)."""
+
+    name = "filesystem"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self.instance = uuid.uuid4().hex[:12]
+        self.tmp_dir = self.root / "tmp" / self.instance
+        self._lock_fd: int | None = None
+
+    def error(self, message: str, path: Path, exc: OSError) -> StorageError:
+        err = StorageError(f"{message} ({errno.errorcode.get(exc.errno or 0, exc.errno)})", path=str(path))
+        err.errno = exc.errno  # type: ignore[attr-defined]
+        return err
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Create the tree, claim a temp directory and remove what dead processes left.
+
+        Each process writes into ``tmp/<instance>/`` while holding an ``flock`` on its
+        ``.lock``; a directory whose lock can be taken belongs to a process that is gone (killed,
+        crashed), so its partial downloads are deleted. Returns how many files were removed.
+        """
+        try:
+            for sub in ("blobs", "manifests", "repositories", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir()
+            self._lock_fd = os.open(self.tmp_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise self.error("cannot prepare storage directory", self.root, exc) from exc
+        return self.remove_stale_temp()
+
+    def remove_stale_temp(self) -> int:
+        removed = 0
+        for entry in (self.root / "tmp").iterdir():
+            if entry == self.tmp_dir:
+                continue
+            if entry.is_dir() and not self._owned_by_live_process(entry):
+                removed += sum(1 for p in entry.iterdir() if p.name != ".lock")
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.warning("removed temp files left by a previous run count=%d", removed)
+        return removed
+
+    @staticmethod
+    def _owned_by_live_process(directory: Path) -> bool:
+        try:
+            fd = os.open(directory / ".lock", os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the lock we may have taken
+        return False
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- content ---------------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        algorithm, hexpart = _split(digest)
+        return self.root / "blobs" / algorithm / hexpart[:2] / hexpart
+
+    def _manifest_path(self, digest: str) -> Path:
+        algorithm, hexpart = _split(digest)
+        return self.root / "manifests" / algorithm / hexpart[:2] / hexpart
+
+    async def stat_blob(self, digest: str) -> int | None:
+        path = self.blob_path(digest)
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self.error("cannot stat blob", path, exc) from exc
+
+    def blob_writer(self, digest: str) -> FilesystemBlobWriter:
+        return FilesystemBlobWriter(self, digest)
+
+    async def delete_blob(self, digest: str) -> bool:
+        return self._unlink(self.blob_path(digest))
+
+    def _unlink(self, path: Path) -> bool:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self.error("cannot delete", path, exc) from exc
+        return True
+
+    async def get_manifest(self, digest: str) -> tuple[bytes, str] | None:
+        path = self._manifest_path(digest)
+        try:
+            data = path.read_bytes()
+            media_type = path.with_name(path.name + ".type").read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self.error("cannot read manifest", path, exc) from exc
+        return data, media_type
+
+    async def put_manifest(self, digest: str, data: bytes, media_type: str) -> None:
+        algorithm, hexpart = _split(digest)
+        if hashlib.new(algorithm, data).hexdigest() != hexpart:
+            raise UpstreamContentError(f"manifest does not match {digest}", upstream="")
+        path = self._manifest_path(digest)
+        # The type file first: the manifest file's presence is what says "stored".
+        self._write_atomic(path.with_name(path.name + ".type"), media_type.encode())
+        self._write_atomic(path, data)
+
+    async def delete_manifest(self, digest: str) -> bool:
+        path = self._manifest_path(digest)
+        found = self._unlink(path)
+        self._unlink(path.with_name(path.name + ".type"))
+        return found
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        tmp = self.tmp_dir / f"w-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self.error("cannot write", path, exc) from exc
+
+    # -- metadata --------------------------------------------------------------------------------
+
+    def _record_path(self, upstream: str, repository: str, kind: str, key: str) -> Path:
+        path = self.root / "repositories" / upstream / repository / f"_{kind}" / key
+        # Names, tags and upstream names are validated upstream of here; this is the last guard.
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise StorageError("path escapes the storage directory", path=str(path))
+        return path
+
+    async def get_record(self, upstream: str, repository: str, kind: str, key: str) -> bytes | None:
+        path = self._record_path(upstream, repository, kind, key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self.error("cannot read record", path, exc) from exc
+
+    async def set_record(
+        self, upstream: str, repository: str, kind: str, key: str, value: bytes
+    ) -> None:
+        self._write_atomic(self._record_path(upstream, repository, kind, key), value)
+
+    async def delete_record(self, upstream: str, repository: str, kind: str, key: str) -> None:
+        self._unlink(self._record_path(upstream, repository, kind, key))
+
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
+        raw = await self.get_record(upstream, repository, "tags", tag)
+        if raw is None:
+            return None
+        try:
+            return TagEntry(**json.loads(raw))
+        except (ValueError, TypeError):
+            log.warning("ignoring a corrupt tag record upstream=%s repository=%s tag=%s",
+                        upstream, repository, tag)
+            return None
+
+    async def set_tag(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
+        record = {
+            "digest": entry.digest,
+            "media_type": entry.media_type,
+            "size": entry.size,
+            "checked_at": entry.checked_at,
+        }
+        await self.set_record(upstream, repository, "tags", tag, json.dumps(record).encode())
+
+    async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+        await self.delete_record(upstream, repository, "tags", tag)
