@@ -1,0 +1,125 @@
+"""Fixtures over the real-component harness (``tests/harness``).
+
+=================  =========  ==============================================================
+fixture            scope      what
+=================  =========  ==============================================================
+tmp_short          function   a short directory under /tmp (unix sockets have a 108-byte path)
+registry           function   a fresh, empty distribution 2.8 registry (``Registry``)
+seeded_registry    session    one registry holding ``STANDARD_IMAGES`` (``SeededRegistry``);
+                              read-only: never push to it, delete from it or stop it
+token_registry     function   registry behind a ``TokenIssuer`` with one image (``TokenRegistry``)
+front              function   factory: ``front(upstream) -> Front`` (started, stopped at teardown)
+proxy_factory      function   factory: ``proxy_factory(upstream_url, **kw) -> ProxyProcess``
+=================  =========  ==============================================================
+
+Every server listens on 127.0.0.1 only and is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.front import Front
+from tests.harness.images import SeededRegistry, seed_image, seed_standard_images
+from tests.harness.proxyproc import ProxyProcess
+from tests.harness.registry import Registry, start_registry
+from tests.harness.tokens import TokenIssuer, TokenRegistry
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    """A fresh short directory under /tmp, removed afterwards (for unix sockets)."""
+    path = Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """A fresh empty upstream registry without auth."""
+    reg = start_registry(tmp_path / "registry")
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def seeded_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededRegistry]:
+    """The shared upstream with ``STANDARD_IMAGES``; see ``SeededRegistry.images``."""
+    reg = start_registry(tmp_path_factory.mktemp("seeded-registry"))
+    try:
+        yield SeededRegistry(reg, seed_standard_images(reg))
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def token_registry(tmp_path: Path) -> Iterator[TokenRegistry]:
+    """Registry demanding Bearer tokens from a fresh issuer; ``library/alpine:3.19`` pushed.
+
+    Anonymous clients may pull; ``creds`` (alice) may push. The issuer's records are reset
+    after seeding, so ``issuer.issued`` starts empty.
+    """
+    creds = ("alice", "alice-secret")
+    issuer = TokenIssuer(users=dict([creds]))
+    issuer.start()
+    reg: Registry | None = None
+    try:
+        reg = start_registry(tmp_path / "token-registry", token_issuer=issuer)
+        image = seed_image(reg, "library/alpine", "3.19", creds=creds)
+        issuer.reset()
+        yield TokenRegistry(reg, issuer, creds, image)
+    finally:
+        if reg is not None:
+            reg.stop()
+        issuer.stop()
+
+
+@pytest.fixture
+def front() -> Iterator[Callable[..., Front]]:
+    """Factory: ``front(upstream, **kw)`` starts a ``Front`` to a URL or a ``Registry``."""
+    started: list[Front] = []
+
+    def make(upstream: Any, **kwargs: Any) -> Front:
+        instance = Front(upstream, **kwargs)
+        started.append(instance)
+        instance.start()
+        return instance
+
+    try:
+        yield make
+    finally:
+        for instance in reversed(started):
+            instance.stop()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Factory: ``proxy_factory(upstream_url, **kw)`` -> a started ``ProxyProcess``.
+
+    Keyword arguments go to ``ProxyProcess``; ``storage`` defaults to a fresh directory per
+    proxy. All proxies are stopped at teardown.
+    """
+    started: list[ProxyProcess] = []
+
+    def make(upstream_url: str, **kwargs: Any) -> ProxyProcess:
+        kwargs.setdefault("storage", tmp_path / f"proxy-storage-{len(started)}")
+        proc = ProxyProcess(upstream_url, **kwargs)
+        started.append(proc)
+        proc.start()
+        return proc
+
+    try:
+        yield make
+    finally:
+        for proc in reversed(started):
+            proc.stop()
