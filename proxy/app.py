@@ -33,10 +33,11 @@ from proxy.errors import (
     Unsupported,
     error_middleware,
 )
-from proxy.manifests import ManifestService
-from proxy.reference import check_digest, check_name, check_reference
+from proxy.manifests import Manifest, ManifestService
+from proxy.platforms import PlatformService, accepts_index, load_platforms
+from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
 from proxy.routing import Router
-from proxy.upstream import Upstream, Upstreams
+from proxy.upstream import INDEX_TYPES, Upstream, Upstreams
 from storage.filesystem import FilesystemStorage
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ UPSTREAMS = web.AppKey("upstreams", Upstreams)
 ROUTER = web.AppKey("router", Router)
 BLOBS = web.AppKey("blobs", BlobService)
 MANIFESTS = web.AppKey("manifests", ManifestService)
+PLATFORMS = web.AppKey("platforms", PlatformService)
 
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = ("GET", "HEAD")
@@ -114,6 +116,7 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
         check_name(name)
         check_digest(ref)
         upstream, repository = _route(request, name)
+        upstream, repository = await request.app[PLATFORMS].source_of(upstream, repository, ref)
         return await request.app[BLOBS].serve(request, upstream, repository, ref)
     if kind == "manifests":
         check_name(name)
@@ -128,7 +131,23 @@ async def serve_manifest(
     request: web.Request, upstream: Upstream, repository: str, reference: str
 ) -> web.StreamResponse:
     head = request.method == "HEAD"
-    manifest = await request.app[MANIFESTS].get(upstream, repository, reference, head=head)
+    platforms = request.app[PLATFORMS]
+    manifest: Manifest
+    if is_digest(reference):
+        manifest = await platforms.child_manifest(upstream, repository, reference, head=head)
+    else:
+        manifest = await platforms.by_tag(upstream, repository, reference, head=head)
+        if manifest.media_type in INDEX_TYPES and not accepts_index(
+            request.headers.get("Accept", "")
+        ):
+            manifest = await platforms.for_client(
+                upstream,
+                repository,
+                manifest,
+                None,
+                user_agent=request.headers.get("User-Agent", ""),
+                head=head,
+            )
     headers = {
         "Docker-Content-Digest": manifest.digest,
         "Content-Type": manifest.media_type,
@@ -157,6 +176,24 @@ async def serve_tags(request: web.Request, upstream: Upstream, repository: str) 
     )
 
 
+async def handle_inspect(request: web.Request) -> web.Response:
+    """``GET /_regproxy/inspect?image=NAME[:TAG]``: the platforms served for a tag, with sources."""
+    image = request.query.get("image", "")
+    ref = parse_image(image)
+    upstream, repository = _route(request, ref.repository)
+    manifest, entries = await request.app[PLATFORMS].describe(
+        upstream, repository, ref.tag or "latest"
+    )
+    return web.json_response(
+        {
+            "image": f"{upstream.name}/{repository}:{ref.tag or 'latest'}",
+            "digest": manifest.digest,
+            "media_type": manifest.media_type,
+            "platforms": [e.describe() for e in entries],
+        }
+    )
+
+
 async def handle_healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -177,6 +214,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/v2", handle_base, allow_head=True)
     app.router.add_route("*", "/v2/{path:.+}", handle_v2)
     app.router.add_get("/healthz", handle_healthz, allow_head=True)
+    app.router.add_get("/_regproxy/inspect", handle_inspect)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
 
@@ -192,9 +230,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[ROUTER] = Router(config.upstreams, config.default_upstream)
     app[BLOBS] = BlobService(storage, offline=config.offline)
     app[MANIFESTS] = ManifestService(storage, storage, offline=config.offline)
+    app[PLATFORMS] = PlatformService(
+        load_platforms(config.platforms),
+        manifests=app[MANIFESTS],
+        blobs=app[BLOBS],
+        meta=storage,
+        upstreams=upstreams,
+        router=app[ROUTER],
+    )
     log.info(
         "regproxy ready storage=%s upstreams=%s default=%s",
-        storage.root, ",".join(f"{n}={u.url}" for n, u in config.upstreams.items()),
+        storage.root,
+        ",".join(f"{n}={u.url}" for n, u in config.upstreams.items()),
         config.default_upstream,
     )
     try:

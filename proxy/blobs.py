@@ -43,7 +43,7 @@ from storage.base import BlobWriter, ContentStore
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
-#: Upstream reconnects (with ``Range``) for one download before giving up.
+#: Upstream reconnects (with ``Range``) in a row that bring no new byte before giving up.
 MAX_RESUMES = 5
 
 
@@ -62,7 +62,9 @@ class Download:
     error: BaseException | None = None
     writer: BlobWriter | None = None
     path: Path | None = None
-    started: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    started: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -115,7 +117,9 @@ class BlobService:
         except (UpstreamError, StorageError) as exc:
             log.warning(
                 "blob download failed digest=%s upstream=%s error=%s",
-                dl.digest, dl.upstream.name, exc,
+                dl.digest,
+                dl.upstream.name,
+                exc,
             )
             dl.fail(exc)
         except Exception as exc:
@@ -131,7 +135,8 @@ class BlobService:
         upstream = dl.upstream
         path = f"/v2/{dl.repository}/blobs/{dl.digest}"
         scope = f"repository:{dl.repository}:pull"
-        resumes = 0
+        resumes = 0  # consecutive attempts that brought no new byte
+        progress = -1
         while True:
             headers = {"Range": f"bytes={dl.written}-"} if dl.written else {}
             try:
@@ -156,16 +161,25 @@ class BlobService:
                 if dl.size is None or dl.written >= dl.size:
                     break
                 raise UpstreamUnreachable("connection ended early", upstream=upstream.name)
-            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, UpstreamUnreachable) as exc:
-                # The stream broke mid-blob: resume from the last byte we have.
+            except (
+                TimeoutError,
+                aiohttp.ClientPayloadError,
+                aiohttp.ClientConnectionError,
+                UpstreamUnreachable,
+            ) as exc:
+                # The stream broke mid-blob: resume from the last byte we have, for as long as
+                # attempts keep bringing bytes.
+                resumes = 0 if dl.written > progress else resumes + 1
+                progress = dl.written
                 if dl.writer is None or resumes >= MAX_RESUMES:
                     raise UpstreamUnreachable(
                         f"blob download broke: {type(exc).__name__}", upstream=upstream.name
                     ) from exc
-                resumes += 1
                 log.info(
                     "resuming blob download digest=%s offset=%d attempt=%d",
-                    dl.digest, dl.written, resumes,
+                    dl.digest,
+                    dl.written,
+                    resumes,
                 )
         assert dl.writer is not None
         try:
@@ -225,6 +239,26 @@ class BlobService:
             await self._wait_done(dl)
             return self._serve_local(request, digest, dl.written)
         return await stream_download(request, dl, digest)
+
+    async def read(
+        self, upstream: Upstream, repository: str, digest: str, limit: int = 4 * 1024 * 1024
+    ) -> bytes:
+        """A small blob's bytes (an image config), through the cache."""
+        if await self.store.stat_blob(digest) is None:
+            if self.offline:
+                raise BlobUnknown({"digest": digest}, message="blob not cached (offline mode)")
+            dl = self.download(upstream, repository, digest)
+            try:
+                await dl.started
+            except UpstreamError as exc:
+                raise to_registry_error(exc, not_found=BlobUnknown) from exc
+            await self._wait_done(dl)
+        path = self.store.blob_path(digest)
+        try:
+            with open(path, "rb") as handle:  # noqa: ASYNC230 - a config blob: a few KiB
+                return handle.read(limit)
+        except OSError as exc:
+            raise StorageError("cannot read blob", path=str(path)) from exc
 
     async def _wait_done(self, dl: Download) -> None:
         while not dl.done:
@@ -313,7 +347,9 @@ async def stream_download(request: web.Request, dl: Download, digest: str) -> we
         await resp.write_eof()
         return resp
     except _Aborted as exc:
-        log.warning("aborting client response digest=%s sent=%d error=%s", digest, offset, exc.cause)
+        log.warning(
+            "aborting client response digest=%s sent=%d error=%s", digest, offset, exc.cause
+        )
         request["cache"] = "miss-aborted"
         if not resp.prepared:
             if isinstance(exc.cause, UpstreamError):
@@ -337,4 +373,3 @@ def _abort(request: web.Request) -> None:
     if transport is not None:
         with contextlib.suppress(Exception):
             transport.abort()
-

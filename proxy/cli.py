@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import ssl
 import sys
@@ -12,8 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy import commands
+from proxy.commands import DEFAULT_PROXY
 from proxy.config import DOCKER_HUB_URL, Config, ConfigError, load_config
-from proxy.errors import StorageError
+from proxy.errors import RegistryError, StorageError
 
 log = logging.getLogger("proxy")
 
@@ -34,23 +37,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the proxy")
     _add_config_flags(serve)
-    serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
     serve.add_argument(
-        "--upstream", metavar="URL", help=f"the default upstream registry (default {DOCKER_HUB_URL})"
+        "--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)"
     )
-    serve.add_argument("--tag-ttl", metavar="DURATION", help="how long a tag is trusted before revalidation (default 5m)")
-    serve.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error (default info)")
-    serve.add_argument("--upstream-username", metavar="USER", help="username for the default upstream")
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help=f"the default upstream registry (default {DOCKER_HUB_URL})",
+    )
+    serve.add_argument(
+        "--tag-ttl",
+        metavar="DURATION",
+        help="how long a tag is trusted before revalidation (default 5m)",
+    )
+    serve.add_argument(
+        "--log-level", metavar="LEVEL", help="debug, info, warning, error (default info)"
+    )
+    serve.add_argument(
+        "--upstream-username", metavar="USER", help="username for the default upstream"
+    )
     serve.add_argument(
         "--upstream-password-file",
         metavar="FILE",
         help="file holding the default upstream's password (or set REGPROXY_UPSTREAM_PASSWORD)",
     )
     serve.add_argument("--max-size", metavar="SIZE", help="bound the cache, e.g. 50GiB")
-    serve.add_argument("--offline", action="store_true", default=None, help="never contact upstream")
+    serve.add_argument(
+        "--offline", action="store_true", default=None, help="never contact upstream"
+    )
     serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
     serve.set_defaults(handler=cmd_serve)
+
+    inspect = commands.add_parser(
+        "inspect", help="show the platforms a running proxy serves for a tag, with their sources"
+    )
+    inspect.add_argument("image", metavar="IMAGE[:TAG]")
+    inspect.add_argument(
+        "--proxy", default=DEFAULT_PROXY, metavar="URL", help=f"default {DEFAULT_PROXY}"
+    )
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    warm = commands.add_parser(
+        "warm", help="pull images' manifests and blobs through a running proxy into its cache"
+    )
+    warm.add_argument("images", nargs="+", metavar="IMAGE[:TAG]")
+    warm.add_argument(
+        "--proxy", default=DEFAULT_PROXY, metavar="URL", help=f"default {DEFAULT_PROXY}"
+    )
+    warm.add_argument(
+        "--platform",
+        default="all",
+        metavar="all|OS/ARCH[/VARIANT],...",
+        help="platforms to warm (default all)",
+    )
+    warm.add_argument("--json", action="store_true", help="print counts as JSON")
+    warm.set_defaults(handler=cmd_warm)
     return parser
 
 
@@ -112,6 +155,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    result = asyncio.run(commands.inspect(args.image, args.proxy))
+    if args.json:
+        print(json.dumps(result["platforms"], indent=2))
+    else:
+        commands.print_inspect(result)
+    return 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    totals = asyncio.run(commands.warm(args.images, args.proxy, args.platform))
+    if args.json:
+        print(json.dumps(totals))
+    else:
+        print(
+            f"warmed {totals['manifests']} manifests and {totals['blobs']} blobs "
+            f"({totals['bytes']} bytes)"
+        )
+    return 0
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -129,6 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2
+    except commands.CommandError as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 1
+    except RegistryError as exc:
+        print(f"regproxy: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 2
     except StorageError as exc:
         print(f"regproxy: storage error: {exc}", file=sys.stderr)
         return 1
@@ -137,4 +210,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-

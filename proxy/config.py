@@ -362,7 +362,9 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         if raw.get(key):
             kwargs[key] = Path(str(raw[key]))
     if bool(kwargs.get("tls_cert")) != bool(kwargs.get("tls_key")):
-        raise ConfigError("tls_key" if kwargs.get("tls_cert") else "tls_cert", "set both or neither")
+        raise ConfigError(
+            "tls_key" if kwargs.get("tls_cert") else "tls_cert", "set both or neither"
+        )
     redis = _mapping(raw.get("redis"), "redis")
     _check_keys(redis, frozenset({"url"}), "redis.")
     if redis.get("url"):
@@ -375,6 +377,9 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     kwargs["upstreams"] = upstreams
     kwargs["default_upstream"] = default
     kwargs["platforms"] = _mapping(raw.get("platforms"), "platforms")
+    from proxy.platforms import load_platforms  # the rules' own module validates them
+
+    load_platforms(kwargs["platforms"])
     kwargs["auth"] = _mapping(raw.get("auth"), "auth")
     return Config(**kwargs)
 
@@ -403,11 +408,15 @@ def _build_cache(section: Mapping[str, Any]) -> CacheConfig:
     return CacheConfig(**kwargs)
 
 
-def _build_upstreams(raw: Mapping[str, Any], tag_ttl: float) -> tuple[dict[str, UpstreamConfig], str]:
+def _build_upstreams(
+    raw: Mapping[str, Any], tag_ttl: float
+) -> tuple[dict[str, UpstreamConfig], str]:
     sections = dict(_mapping(raw.get("upstreams"), "upstreams"))
     default = str(raw.get("default_upstream") or DOCKER_HUB)
     if not sections:
-        sections = {default: {"url": DOCKER_HUB_URL}}
+        if default != DOCKER_HUB:
+            raise ConfigError("default_upstream", f"{default!r} is not one of the upstreams")
+        sections = {DOCKER_HUB: {"url": DOCKER_HUB_URL}}
     # The single-upstream shorthand: --upstream / upstream: / upstream_username / password.
     shorthand = {
         "url": raw.get("upstream"),
@@ -451,8 +460,7 @@ def _build_upstream(name: str, section: object, tag_ttl: float) -> UpstreamConfi
         "tag_ttl": _field(section, "tag_ttl", parse_duration, prefix)
         if "tag_ttl" in section
         else tag_ttl,
-        "library_prefix": name in DOCKER_HUB_ALIASES
-        or urlsplit(url).netloc in DOCKER_HUB_ALIASES,
+        "library_prefix": name in DOCKER_HUB_ALIASES or urlsplit(url).netloc in DOCKER_HUB_ALIASES,
     }
     if "library_prefix" in section:
         kwargs["library_prefix"] = _field(section, "library_prefix", parse_bool, prefix)

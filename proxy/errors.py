@@ -124,7 +124,11 @@ class NotFound(RegistryError):
 
 
 class Unsupported(RegistryError):
-    code, status, message = "UNSUPPORTED", 405, "the operation is unsupported: this is a read-only proxy"
+    code, status, message = (
+        "UNSUPPORTED",
+        405,
+        "the operation is unsupported: this is a read-only proxy",
+    )
 
 
 class TooManyRequests(RegistryError):

@@ -80,9 +80,7 @@ def check_manifest(data: bytes, content_type: str | None, *, upstream: str) -> s
 class ManifestService:
     """Serves manifests and tag lists for every upstream."""
 
-    def __init__(
-        self, store: ContentStore, meta: MetadataStore, *, offline: bool = False
-    ) -> None:
+    def __init__(self, store: ContentStore, meta: MetadataStore, *, offline: bool = False) -> None:
         self.store = store
         self.meta = meta
         self.offline = offline
@@ -153,7 +151,9 @@ class ManifestService:
                 raise UpstreamContentError("manifest larger than 4 MiB", upstream=upstream.name)
             data = await resp.content.read(MAX_MANIFEST_SIZE + 1)
             if resp.content_length is not None and len(data) != resp.content_length:
-                raise UpstreamContentError("manifest shorter than announced", upstream=upstream.name)
+                raise UpstreamContentError(
+                    "manifest shorter than announced", upstream=upstream.name
+                )
             content_type = resp.headers.get("Content-Type")
             header_digest = resp.headers.get("Docker-Content-Digest")
         media_type = check_manifest(data, content_type, upstream=upstream.name)
@@ -175,7 +175,9 @@ class ManifestService:
 
     # -- by tag ----------------------------------------------------------------------------------
 
-    async def by_tag(self, upstream: Upstream, repository: str, tag: str, *, head: bool) -> Manifest:
+    async def by_tag(
+        self, upstream: Upstream, repository: str, tag: str, *, head: bool
+    ) -> Manifest:
         entry = await self.meta.get_tag(upstream.name, repository, tag)
         if entry is not None and (
             self.offline or time.time() - entry.checked_at < upstream.config.tag_ttl
@@ -196,7 +198,10 @@ class ManifestService:
                 if stale is not None:
                     log.warning(
                         "serving stale tag upstream=%s repository=%s tag=%s error=%s",
-                        upstream.name, repository, tag, exc,
+                        upstream.name,
+                        repository,
+                        tag,
+                        exc,
                     )
                     return stale
             raise to_registry_error(exc, not_found=ManifestUnknown) from exc
@@ -259,8 +264,12 @@ class ManifestService:
                         UpstreamContentError("invalid tags list", upstream=upstream.name),
                         not_found=NameUnknown,
                     ) from exc
-                log.warning("serving stale tags list upstream=%s repository=%s error=%s",
-                            upstream.name, repository, exc)
+                log.warning(
+                    "serving stale tags list upstream=%s repository=%s error=%s",
+                    upstream.name,
+                    repository,
+                    exc,
+                )
         else:
             cached = await self.meta.get_record(upstream.name, repository, "tagslist", key)
             if cached is None:

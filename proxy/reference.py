@@ -42,14 +42,10 @@ def is_digest(reference: str) -> bool:
 
 
 def check_digest(digest: str) -> str:
-    """Return ``digest`` if it is ``sha256:<64 hex>`` or ``sha512:<128 hex>``, else DIGEST_INVALID."""
+    """``digest`` if it is ``sha256:<64 hex>`` or ``sha512:<128 hex>``; else DIGEST_INVALID."""
     algorithm, _, hexpart = digest.partition(":")
     expected = DIGEST_ALGORITHMS.get(algorithm)
-    if (
-        expected is None
-        or len(hexpart) != expected
-        or not re.fullmatch(r"[0-9a-f]+", hexpart)
-    ):
+    if expected is None or len(hexpart) != expected or not re.fullmatch(r"[0-9a-f]+", hexpart):
         raise DigestInvalid({"digest": digest[:300]}, message="invalid or unsupported digest")
     return digest
 

@@ -11,6 +11,7 @@ This is per process. Across replicas, see the Redis lock in ``storage`` (issue #
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -34,7 +35,7 @@ class SingleFlight(Generic[K, V]):
         if task is None:
             task = asyncio.ensure_future(work())
             self._tasks[key] = task
-            task.add_done_callback(lambda t, key=key: self._done(key, t))
+            task.add_done_callback(functools.partial(self._done, key))
         return task
 
     async def run(self, key: K, work: Callable[[], Awaitable[V]]) -> V:

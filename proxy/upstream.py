@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import json
 import logging
@@ -69,8 +70,10 @@ def parse_challenge(header: str) -> Challenge | None:
     scheme, _, rest = header.strip().partition(" ")
     if not scheme:
         return None
-    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _CHALLENGE_PARAM.finditer(rest)}
+    params = {
+        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in _CHALLENGE_PARAM.finditer(rest)
+    }
     return Challenge(scheme.lower(), params)
 
 
@@ -305,9 +308,11 @@ class Upstream:
         """Send, following redirects; ``Authorization`` goes to the upstream's origin only."""
         origin = self.base.origin()
         for _ in range(MAX_REDIRECTS + 1):
-            hdrs = headers if url.origin() == origin else {
-                k: v for k, v in headers.items() if k.lower() != "authorization"
-            }
+            hdrs = (
+                headers
+                if url.origin() == origin
+                else {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            )
             resp = await self.session.request(method, url, headers=hdrs, allow_redirects=False)
             if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
@@ -320,10 +325,8 @@ class Upstream:
     def _observe(self, resp: aiohttp.ClientResponse) -> None:
         remaining = resp.headers.get("ratelimit-remaining")
         if remaining:
-            try:
+            with contextlib.suppress(ValueError):
                 self.ratelimit_remaining = int(remaining.split(";")[0])
-            except ValueError:
-                pass
         for callback in self.on_response:
             callback(self, resp)
 
@@ -363,4 +366,3 @@ class Upstreams:
     async def close(self) -> None:
         for upstream in self.by_name.values():
             await upstream.close()
-

@@ -115,7 +115,9 @@ class FilesystemStorage:
         self._lock_fd: int | None = None
 
     def error(self, message: str, path: Path, exc: OSError) -> StorageError:
-        err = StorageError(f"{message} ({errno.errorcode.get(exc.errno or 0, exc.errno)})", path=str(path))
+        err = StorageError(
+            f"{message} ({errno.errorcode.get(exc.errno or 0, exc.errno)})", path=str(path)
+        )
         err.errno = exc.errno  # type: ignore[attr-defined]
         return err
 
@@ -277,8 +279,12 @@ class FilesystemStorage:
         try:
             return TagEntry(**json.loads(raw))
         except (ValueError, TypeError):
-            log.warning("ignoring a corrupt tag record upstream=%s repository=%s tag=%s",
-                        upstream, repository, tag)
+            log.warning(
+                "ignoring a corrupt tag record upstream=%s repository=%s tag=%s",
+                upstream,
+                repository,
+                tag,
+            )
             return None
 
     async def set_tag(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:

@@ -27,8 +27,14 @@ def test_bad_durations(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("50GiB", 50 * 2**30), ("500MB", 500 * 10**6), ("1.5G", 1_500_000_000), ("1024", 1024),
-     ("10KiB", 10240), ("2TB", 2 * 10**12)],
+    [
+        ("50GiB", 50 * 2**30),
+        ("500MB", 500 * 10**6),
+        ("1.5G", 1_500_000_000),
+        ("1024", 1024),
+        ("10KiB", 10240),
+        ("2TB", 2 * 10**12),
+    ],
 )
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
@@ -95,7 +101,12 @@ def test_many_upstreams(tmp_path: Path) -> None:
     assert set(config.upstreams) == {"docker.io", "ghcr.io", "corp"}
     assert config.upstream().url == "http://127.0.0.1:1"  # --upstream replaces the default's URL
     corp = config.upstreams["corp"]
-    assert (corp.username, corp.password, corp.tag_ttl, corp.max_connections) == ("ci", "pw", 60, 16)
+    assert (corp.username, corp.password, corp.tag_ttl, corp.max_connections) == (
+        "ci",
+        "pw",
+        60,
+        16,
+    )
     assert not corp.library_prefix
     assert not config.upstreams["ghcr.io"].library_prefix
 
@@ -111,7 +122,10 @@ def test_many_upstreams(tmp_path: Path) -> None:
         ("cache: {low_watermark: 0.99}\n", "cache.low_watermark"),
         ("log_level: loud\n", "log_level"),
         ("bogus: 1\n", "bogus"),
-        ("upstreams: {x: {url: http://a, colour: red}}\ndefault_upstream: x\n", "upstreams.x.colour"),
+        (
+            "upstreams: {x: {url: http://a, colour: red}}\ndefault_upstream: x\n",
+            "upstreams.x.colour",
+        ),
         ("default_upstream: nope\n", "default_upstream"),
         ("redis: {url: http://x}\n", "redis.url"),
         ("tls_cert: /a\n", "tls_key"),
@@ -131,14 +145,20 @@ def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     conf.write_text("tag_ttl: [1, 2\n")
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--config", str(conf)],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert "not valid YAML" in result.stderr
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--tag-ttl", "forever"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
@@ -149,7 +169,10 @@ def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
 def test_password_never_echoed(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--upstream", "https://u:hunter2@x"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "hunter2" not in result.stderr

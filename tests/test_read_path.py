@@ -16,8 +16,16 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.harness.front import CutAfter, FlipByte, Front, Status, WrongLength, blob, manifest
-from tests.harness.front import too_many_requests
+from tests.harness.front import (
+    CutAfter,
+    FlipByte,
+    Front,
+    Status,
+    WrongLength,
+    blob,
+    manifest,
+    too_many_requests,
+)
 from tests.harness.images import MANIFEST_TYPES, SeededImage, SeededRegistry, seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import Registry
@@ -65,8 +73,8 @@ async def test_base_endpoint(proxy: ProxyProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    "ref", ["library/alpine:3.19", "library/busybox:1.36", "library/hello:latest",
-            "library/redis:7"]
+    "ref",
+    ["library/alpine:3.19", "library/busybox:1.36", "library/hello:latest", "library/redis:7"],
 )
 async def test_manifests_pass_through_byte_for_byte(
     proxy: ProxyProcess, seeded_registry: SeededRegistry, ref: str
@@ -106,7 +114,9 @@ async def test_second_pull_makes_no_upstream_requests(
             status, _, raw = await fetch(f"{proxy.url}/v2/library/busybox/manifests/{child.digest}")
             assert raw == child.raw
             for digest in (child.config_digest, *child.layers):
-                status, headers, data = await fetch(f"{proxy.url}/v2/library/busybox/blobs/{digest}")
+                status, headers, data = await fetch(
+                    f"{proxy.url}/v2/library/busybox/blobs/{digest}"
+                )
                 assert status == 200
                 assert data == image.blobs[digest]
                 assert headers["Docker-Content-Digest"] == digest
@@ -139,8 +149,9 @@ async def test_blob_headers_and_range(proxy: ProxyProcess, seeded_registry: Seed
 async def test_concurrent_cold_gets_make_one_upstream_get(
     registry: Registry, front: FrontFactory, proxy_factory: ProxyFactory
 ) -> None:
-    image = seed_image(registry, "library/big", "1", platforms=("linux/amd64",),
-                       layer_sizes=(6 * 1024 * 1024,))
+    image = seed_image(
+        registry, "library/big", "1", platforms=("linux/amd64",), layer_sizes=(6 * 1024 * 1024,)
+    )
     digest = image.child("linux/amd64").layers[0]
     upstream = front(registry)
     proxy = proxy_factory(upstream.url)
@@ -192,8 +203,11 @@ async def test_upstream_gone_cached_tag_still_served(
     proxy = proxy_factory(registry.url, extra_args=["--tag-ttl", "0s"])
     child = image.child("linux/amd64")
     base = f"{proxy.url}/v2/library/alpine"
-    for path in ("manifests/edge", f"manifests/{child.digest}",
-                 *(f"blobs/{d}" for d in (child.config_digest, *child.layers))):
+    for path in (
+        "manifests/edge",
+        f"manifests/{child.digest}",
+        *(f"blobs/{d}" for d in (child.config_digest, *child.layers)),
+    ):
         assert (await fetch(f"{base}/{path}"))[0] == 200
     registry.stop()
     status, headers, body = await fetch(f"{base}/manifests/edge")
@@ -251,8 +265,9 @@ async def test_bad_upstream_blob_never_cached_nor_served_complete(
 async def test_client_disconnect_does_not_cancel_cache_fill(
     registry: Registry, front: FrontFactory, proxy_factory: ProxyFactory
 ) -> None:
-    image = seed_image(registry, "library/slow", "1", platforms=("linux/amd64",),
-                       layer_sizes=(4 * 1024 * 1024,))
+    image = seed_image(
+        registry, "library/slow", "1", platforms=("linux/amd64",), layer_sizes=(4 * 1024 * 1024,)
+    )
     digest = image.child("linux/amd64").layers[0]
     upstream = front(registry)
     proxy = proxy_factory(upstream.url)
@@ -282,7 +297,9 @@ async def test_tags_list(
     direct = await fetch(f"{seeded_registry.url}/v2/myteam/app/tags/list{query}")
     assert (status, body) == (direct[0], direct[2])
     assert [r.query for r in upstream.requests if "/tags/list" in r.path][-1] in (
-        "n=1&last=1.0-amd64", "last=1.0-amd64&n=1")
+        "n=1&last=1.0-amd64",
+        "last=1.0-amd64&n=1",
+    )
     upstream.add_fault(lambda r: "/tags/list" in r.path, Status(503), times=100)
     status, headers, stale = await fetch(f"{proxy.url}/v2/myteam/app/tags/list{query}")
     assert (status, headers["X-Cache"], stale) == (200, "STALE", body)
@@ -319,8 +336,11 @@ async def test_errors(
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
 async def test_writes_are_unsupported(proxy: ProxyProcess, method: str) -> None:
-    for path in ("/v2/library/alpine/blobs/uploads/", "/v2/library/alpine/manifests/1",
-                 "/v2/library/alpine/blobs/sha256:" + "0" * 64):
+    for path in (
+        "/v2/library/alpine/blobs/uploads/",
+        "/v2/library/alpine/manifests/1",
+        "/v2/library/alpine/blobs/sha256:" + "0" * 64,
+    ):
         status, _, body = await fetch(proxy.url + path, method)
         assert status == 405 and error_code(body) == "UNSUPPORTED"
 
@@ -339,8 +359,9 @@ async def test_rate_limited_with_nothing_cached(
     assert upstream.count() == before
 
 
-async def test_bearer_token_flow(token_registry: Any, front: FrontFactory,
-                                 proxy_factory: ProxyFactory) -> None:
+async def test_bearer_token_flow(
+    token_registry: Any, front: FrontFactory, proxy_factory: ProxyFactory
+) -> None:
     image: SeededImage = token_registry.image
     upstream = front(token_registry.registry)
     proxy = proxy_factory(upstream.url)
@@ -354,5 +375,8 @@ async def test_bearer_token_flow(token_registry: Any, front: FrontFactory,
     assert token_registry.issuer.count(scope_contains="repository:library/alpine:pull") == 1
     # a client's own credentials are never forwarded upstream
     upstream.reset()
-    await fetch(f"{base}/blobs/{child.config_digest}", headers={"Authorization": "Basic Y2xpZW50OnNlY3JldA=="})
+    await fetch(
+        f"{base}/blobs/{child.config_digest}",
+        headers={"Authorization": "Basic Y2xpZW50OnNlY3JldA=="},
+    )
     assert all("Y2xpZW50" not in r.headers.get("Authorization", "") for r in upstream.requests)

@@ -46,8 +46,15 @@ def test_bad_tags(tag: str) -> None:
 
 @pytest.mark.parametrize(
     "digest",
-    ["sha256:abc", "sha256:" + "A" * 64, "md5:" + "a" * 32, "sha256:" + "a" * 63 + "/",
-     "sha512:" + "a" * 64, "sha256" + "a" * 64, "sha256:" + "a" * 65],
+    [
+        "sha256:abc",
+        "sha256:" + "A" * 64,
+        "md5:" + "a" * 32,
+        "sha256:" + "a" * 63 + "/",
+        "sha512:" + "a" * 64,
+        "sha256" + "a" * 64,
+        "sha256:" + "a" * 65,
+    ],
 )
 def test_bad_digests(digest: str) -> None:
     with pytest.raises(DigestInvalid):

@@ -1,4 +1,4 @@
-"""Coalescing: one task per key; every waiter gets the result or the error; cancellation is local."""
+"""Coalescing: one task per key; every waiter gets the result or the error."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ async def test_every_waiter_sees_the_error() -> None:
         raise RuntimeError("boom")
 
     flight: SingleFlight[str, int] = SingleFlight()
-    results = await asyncio.gather(*(flight.run("k", work) for _ in range(5)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(flight.run("k", work) for _ in range(5)), return_exceptions=True
+    )
     assert all(isinstance(r, RuntimeError) for r in results)
 
 

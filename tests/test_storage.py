@@ -77,7 +77,8 @@ async def test_manifests_round_trip_with_media_type(store: FilesystemStorage) ->
     data = b'{"schemaVersion":2}'
     await store.put_manifest(digest(data), data, "application/vnd.oci.image.manifest.v1+json")
     assert await store.get_manifest(digest(data)) == (
-        data, "application/vnd.oci.image.manifest.v1+json"
+        data,
+        "application/vnd.oci.image.manifest.v1+json",
     )
     with pytest.raises(UpstreamContentError):
         await store.put_manifest(digest(b"other"), data, "x")

@@ -1,0 +1,539 @@
+"""One tag for every architecture: platform rules, index synthesis, platform selection.
+
+A tag matching a rule of the ``platforms:`` section is served as a synthesized index::
+
+    upstream's own entries for the tag           (an index's entries as they are; a single
+                                                  manifest as one entry, platform from its config)
+  + one entry per rule source whose platform     (a source index contributes its entry for that
+    upstream does not already provide             platform; a single manifest itself)
+
+Upstream entries win; attestation entries (``unknown/unknown``) pass through untouched and never
+count as a platform. The document is a Docker manifest list when every child is a Docker schema2
+manifest, else an OCI index, serialized compactly in a fixed order: the same sources always give
+the same bytes, hence the same digest, across requests and restarts. When no source adds an
+entry, the upstream's own document is served unchanged (its digest stays the upstream's).
+
+Children from other repositories are then requested under the pulled repository
+(``/v2/library/mysql/manifests/sha256:<arm64 child>``); the mapping digest -> source repository
+is kept in the metadata store (``_sources``), for the child and, once the child is read, for its
+config and layers.
+
+Clients whose ``Accept`` names manifest types but no index type get the child for their platform
+(User-Agent ``os/… arch/…``, a hint only, else ``platforms.default``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+import string
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.blobs import BlobService
+from proxy.config import ConfigError
+from proxy.errors import ManifestUnknown, RegistryError, UpstreamContentError
+from proxy.manifests import Manifest, ManifestService
+from proxy.reference import digest_of, parse_image
+from proxy.routing import Router
+from proxy.singleflight import SingleFlight
+from proxy.upstream import (
+    INDEX_TYPES,
+    MANIFEST_LIST_V2,
+    MANIFEST_TYPES,
+    MANIFEST_V2,
+    OCI_INDEX,
+    Upstream,
+    Upstreams,
+)
+from storage.base import MetadataStore
+
+log = logging.getLogger(__name__)
+
+ARCH_ALIASES = {
+    "x86_64": "amd64",
+    "x86-64": "amd64",
+    "aarch64": "arm64",
+    "armhf": "arm",
+    "armel": "arm",
+    "i386": "386",
+    "i686": "386",
+}
+DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
+_PLATFORM_RE = re.compile(r"[a-z0-9_.-]+")
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Platform:
+    """``os/architecture[/variant]``, normalized the way clients match platforms."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+
+    @classmethod
+    def of(cls, os: str, architecture: str, variant: str = "") -> Platform:
+        os, architecture, variant = os.lower(), architecture.lower(), variant.lower()
+        architecture = ARCH_ALIASES.get(architecture, architecture)
+        if architecture == "amd64":
+            variant = ""  # amd64 microarchitecture levels do not split images
+        variant = variant or DEFAULT_VARIANTS.get(architecture, "")
+        return cls(os, architecture, variant)
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.strip().split("/")
+        if not 2 <= len(parts) <= 3 or not all(_PLATFORM_RE.fullmatch(p) for p in parts):
+            raise ValueError(f"{text!r} is not a platform such as linux/arm64/v8")
+        return cls.of(*parts)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Platform | None:
+        """From a descriptor's ``platform`` or an image config (``os``/``architecture``)."""
+        if not isinstance(obj, dict) or not obj.get("os") or not obj.get("architecture"):
+            return None
+        return cls.of(str(obj["os"]), str(obj["architecture"]), str(obj.get("variant") or ""))
+
+    @property
+    def unknown(self) -> bool:
+        return self.os == "unknown" or self.architecture == "unknown"
+
+    def to_json(self) -> dict[str, str]:
+        doc = {"architecture": self.architecture, "os": self.os}
+        if self.variant:
+            doc["variant"] = self.variant
+        return doc
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+_TEMPLATE_FIELDS = frozenset({"repository", "tag", "name"})
+_GLOB_RE = re.compile(r"[A-Za-z0-9._/*?!\[\]-]+")
+
+
+def _check_glob(glob: object, key: str) -> str:
+    text = str(glob)
+    if not _GLOB_RE.fullmatch(text) or text.count("[") != text.count("]"):
+        raise ConfigError(key, f"{text!r} is not a valid glob")
+    return text
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Serve matching tags as an index built from upstream's entries plus ``sources``."""
+
+    repository: str
+    tags: tuple[str, ...]
+    #: platform -> reference template (``mysql/mysql-server:{tag}``), in the order written.
+    sources: tuple[tuple[Platform, str], ...]
+
+    def matches(self, upstream: str, repository: str, tag: str, *, default: bool) -> bool:
+        names = (
+            (repository, f"{upstream}/{repository}") if default else (f"{upstream}/{repository}",)
+        )
+        return any(fnmatch.fnmatchcase(n, self.repository) for n in names) and any(
+            fnmatch.fnmatchcase(tag, t) for t in self.tags
+        )
+
+
+@dataclass(frozen=True)
+class PlatformsConfig:
+    #: The platform served to clients that cannot take an index; defaults to linux/amd64.
+    default: Platform = Platform("linux", "amd64")
+    rules: tuple[Rule, ...] = ()
+
+
+def render(template: str, repository: str, tag: str) -> str:
+    return template.format(repository=repository, tag=tag, name=repository.rsplit("/", 1)[-1])
+
+
+def load_platforms(section: Mapping[str, Any]) -> PlatformsConfig:
+    """Validate the ``platforms:`` section; a bad rule raises ConfigError naming it."""
+    unknown = set(section) - {"default", "rules"}
+    if unknown:
+        raise ConfigError(f"platforms.{sorted(unknown)[0]}", "unknown setting")
+    default = PlatformsConfig.default
+    if section.get("default"):
+        try:
+            default = Platform.parse(str(section["default"]))
+        except ValueError as exc:
+            raise ConfigError("platforms.default", str(exc)) from None
+    rules_raw = section.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise ConfigError("platforms.rules", "must be a list of rules")
+    rules = tuple(_load_rule(raw, f"platforms.rules[{i}]") for i, raw in enumerate(rules_raw))
+    return PlatformsConfig(default, rules)
+
+
+def _load_rule(raw: object, key: str) -> Rule:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "must be a mapping with repository and sources")
+    unknown = set(raw) - {"repository", "tags", "sources"}
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown setting")
+    if not raw.get("repository"):
+        raise ConfigError(f"{key}.repository", "is required")
+    repository = _check_glob(raw["repository"], f"{key}.repository")
+    tags_raw = raw.get("tags", ["*"])
+    if isinstance(tags_raw, str):
+        tags_raw = [tags_raw]
+    if not isinstance(tags_raw, list) or not tags_raw:
+        raise ConfigError(f"{key}.tags", "must be a list of tag globs")
+    tags = tuple(_check_glob(t, f"{key}.tags") for t in tags_raw)
+    sources_raw = raw.get("sources")
+    if not isinstance(sources_raw, Mapping) or not sources_raw:
+        raise ConfigError(f"{key}.sources", "must map platforms to image references")
+    sources = []
+    for platform_text, template in sources_raw.items():
+        skey = f"{key}.sources.{platform_text}"
+        try:
+            platform = Platform.parse(str(platform_text))
+        except ValueError as exc:
+            raise ConfigError(skey, str(exc)) from None
+        template = str(template)
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as exc:
+            raise ConfigError(skey, f"bad template: {exc}") from None
+        if not fields <= _TEMPLATE_FIELDS:
+            bad = sorted(fields - _TEMPLATE_FIELDS)[0]
+            raise ConfigError(
+                skey, f"unknown placeholder {{{bad}}}; use {{repository}}, {{tag}}, {{name}}"
+            )
+        try:
+            parse_image(render(template, "library/example", "1.0"))
+        except RegistryError:
+            raise ConfigError(skey, f"{template!r} does not make an image reference") from None
+        sources.append((platform, template))
+    return Rule(repository, tags, tuple(sources))
+
+
+# -- serving -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One child of a served index, with where it came from."""
+
+    descriptor: dict[str, Any]
+    #: ``upstream`` or the reference it was synthesized from (``docker.io/mysql/mysql-server:5.7``).
+    source: str
+
+    @property
+    def platform(self) -> Platform | None:
+        return Platform.from_json(self.descriptor.get("platform"))
+
+    def describe(self) -> dict[str, Any]:
+        platform = self.platform
+        return {
+            "platform": str(platform) if platform else "unknown",
+            "digest": self.descriptor["digest"],
+            "size": self.descriptor.get("size"),
+            "media_type": self.descriptor.get("mediaType"),
+            "source": self.source,
+            "attestation": bool(
+                (self.descriptor.get("annotations") or {}).get("vnd.docker.reference.type")
+            ),
+        }
+
+
+def index_entries(manifest: Manifest) -> list[Entry]:
+    assert manifest.data is not None
+    doc = json.loads(manifest.data)
+    return [Entry(d, "upstream") for d in doc.get("manifests") or [] if isinstance(d, dict)]
+
+
+def accepts_index(accept: str) -> bool:
+    """False when ``Accept`` names manifest types but no index type (and no wildcard)."""
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    if not types & set(MANIFEST_TYPES):
+        return True  # no manifest preference stated: the index is the honest answer
+    return bool(types & {*INDEX_TYPES, "*/*", "application/*"})
+
+
+_UA_OS = re.compile(r"\bos/([A-Za-z0-9_]+)")
+_UA_ARCH = re.compile(r"\barch/([A-Za-z0-9_]+)")
+
+
+def platform_from_user_agent(user_agent: str) -> Platform | None:
+    os_match, arch_match = _UA_OS.search(user_agent), _UA_ARCH.search(user_agent)
+    if not os_match or not arch_match:
+        return None
+    return Platform.of(os_match.group(1), arch_match.group(1))
+
+
+class PlatformService:
+    """Synthesizes indexes for rule-matched tags and serves the children across repositories."""
+
+    def __init__(
+        self,
+        config: PlatformsConfig,
+        *,
+        manifests: ManifestService,
+        blobs: BlobService,
+        meta: MetadataStore,
+        upstreams: Upstreams,
+        router: Router,
+    ) -> None:
+        self.config = config
+        self.manifests = manifests
+        self.blobs = blobs
+        self.meta = meta
+        self.upstreams = upstreams
+        self.router = router
+        self._builds: SingleFlight[tuple[str, str, str], tuple[Manifest, list[Entry]]] = (
+            SingleFlight()
+        )
+
+    def rule_for(self, upstream: str, repository: str, tag: str) -> Rule | None:
+        default = upstream == self.router.default
+        for rule in self.config.rules:
+            if rule.matches(upstream, repository, tag, default=default):
+                return rule
+        return None
+
+    # -- tags ------------------------------------------------------------------------------------
+
+    async def by_tag(
+        self, upstream: Upstream, repository: str, tag: str, *, head: bool
+    ) -> Manifest:
+        rule = self.rule_for(upstream.name, repository, tag)
+        if rule is None:
+            return await self.manifests.by_tag(upstream, repository, tag, head=head)
+        manifest, _ = await self.synthesize(upstream, repository, tag, rule)
+        return manifest
+
+    async def describe(
+        self, upstream: Upstream, repository: str, tag: str
+    ) -> tuple[Manifest, list[Entry]]:
+        """The document served for a tag and its entries, with their sources."""
+        rule = self.rule_for(upstream.name, repository, tag)
+        if rule is not None:
+            return await self.synthesize(upstream, repository, tag, rule)
+        manifest = await self.manifests.by_tag(upstream, repository, tag, head=False)
+        if manifest.media_type in INDEX_TYPES:
+            return manifest, index_entries(manifest)
+        return manifest, [await self._single_entry(upstream, repository, manifest, "upstream")]
+
+    async def synthesize(
+        self, upstream: Upstream, repository: str, tag: str, rule: Rule
+    ) -> tuple[Manifest, list[Entry]]:
+        key = (upstream.name, repository, tag)
+        record = await self.meta.get_record(upstream.name, repository, "synth", tag)
+        previous = json.loads(record) if record else None
+        if previous and (
+            self.manifests.offline or time.time() - previous["checked_at"] < upstream.config.tag_ttl
+        ):
+            found = await self.manifests.local(previous["digest"])
+            if found is not None:
+                return found, [Entry(e["descriptor"], e["source"]) for e in previous["entries"]]
+        try:
+            built, entries = await self._builds.run(
+                key, lambda: self._build(upstream, repository, tag, rule)
+            )
+        except RegistryError as exc:
+            if previous is None or exc.status == 404:
+                raise
+            found = await self.manifests.local(previous["digest"], cache="STALE")
+            if found is None:
+                raise
+            log.warning(
+                "serving stale synthesized index repository=%s tag=%s error=%s",
+                repository,
+                tag,
+                exc.code,
+            )
+            return found, [Entry(e["descriptor"], e["source"]) for e in previous["entries"]]
+        cache = "HIT" if previous and previous["digest"] == built.digest else "MISS"
+        return Manifest(built.digest, built.media_type, built.size, built.data, cache), entries
+
+    async def _build(
+        self, upstream: Upstream, repository: str, tag: str, rule: Rule
+    ) -> tuple[Manifest, list[Entry]]:
+        entries: list[Entry] = []
+        covered: set[Platform] = set()
+        own: Manifest | None = None
+        try:
+            own = await self.manifests.by_tag(upstream, repository, tag, head=False)
+        except RegistryError as exc:
+            if exc.status != 404:
+                raise
+        if own is not None:
+            if own.media_type in INDEX_TYPES:
+                entries = index_entries(own)
+            else:
+                entries = [await self._single_entry(upstream, repository, own, "upstream")]
+            covered = {p for e in entries if (p := e.platform) and not p.unknown}
+        added = 0
+        for platform, template in rule.sources:
+            if platform in covered:
+                continue
+            entry = await self._source_entry(upstream, repository, tag, platform, template)
+            if entry is not None:
+                entries.append(entry)
+                covered.add(platform)
+                added += 1
+        if not entries:
+            raise ManifestUnknown({"tag": tag}, message="no source has this tag")
+        if own is not None and not added:
+            manifest = own  # nothing to add: upstream's own bytes, upstream's own digest
+        else:
+            children = [e.descriptor for e in entries]
+            media_type = (
+                MANIFEST_LIST_V2
+                if all(c.get("mediaType") == MANIFEST_V2 for c in children)
+                else OCI_INDEX
+            )
+            doc = {"schemaVersion": 2, "mediaType": media_type, "manifests": children}
+            data = json.dumps(doc, separators=(",", ":")).encode()
+            digest = digest_of(data)
+            await self.manifests.store.put_manifest(digest, data, media_type)
+            manifest = Manifest(digest, media_type, len(data), data, "MISS")
+        record = {
+            "digest": manifest.digest,
+            "checked_at": time.time(),
+            "entries": [{"descriptor": e.descriptor, "source": e.source} for e in entries],
+        }
+        await self.meta.set_record(
+            upstream.name, repository, "synth", tag, json.dumps(record).encode()
+        )
+        return manifest, entries
+
+    async def _source_entry(
+        self, upstream: Upstream, repository: str, tag: str, platform: Platform, template: str
+    ) -> Entry | None:
+        reference = render(template, repository, tag)
+        ref = parse_image(reference)
+        src_name, src_repo = self.router.route(ref.repository, None)
+        source = self.upstreams[src_name]
+        label = f"{src_name}/{src_repo}:{ref.reference}"
+        try:
+            found = await self.manifests.get(source, src_repo, ref.reference, head=False)
+        except RegistryError as exc:
+            log.warning(
+                "platform source skipped source=%s platform=%s error=%s", label, platform, exc.code
+            )
+            return None
+        if found.media_type in INDEX_TYPES:
+            match = next((e for e in index_entries(found) if e.platform == platform), None)
+            if match is None:
+                log.warning(
+                    "platform source has no entry for platform source=%s platform=%s",
+                    label,
+                    platform,
+                )
+                return None
+            entry = Entry(match.descriptor, label)
+        else:
+            entry = await self._single_entry(source, src_repo, found, label)
+            if entry.platform != platform:
+                log.warning(
+                    "platform source is another platform source=%s wanted=%s got=%s",
+                    label,
+                    platform,
+                    entry.platform,
+                )
+                return None
+        await self.remember(
+            upstream.name, repository, entry.descriptor["digest"], src_name, src_repo
+        )
+        return entry
+
+    async def _single_entry(
+        self, upstream: Upstream, repository: str, manifest: Manifest, source: str
+    ) -> Entry:
+        """A single manifest as an index entry; its platform is read from its config blob."""
+        assert manifest.data is not None
+        doc = json.loads(manifest.data)
+        config_digest = (doc.get("config") or {}).get("digest")
+        platform = None
+        if config_digest:
+            config = await self.blobs.read(upstream, repository, config_digest)
+            try:
+                platform = Platform.from_json(json.loads(config))
+            except ValueError:
+                platform = None
+        if platform is None:
+            raise UpstreamContentError("image config names no platform", upstream=upstream.name)
+        descriptor = {
+            "mediaType": manifest.media_type,
+            "digest": manifest.digest,
+            "size": manifest.size,
+            "platform": platform.to_json(),
+        }
+        return Entry(descriptor, source)
+
+    # -- children across repositories ------------------------------------------------------------
+
+    async def remember(
+        self, upstream: str, repository: str, digest: str, src_upstream: str, src_repo: str
+    ) -> None:
+        if (src_upstream, src_repo) == (upstream, repository):
+            return
+        value = json.dumps({"upstream": src_upstream, "repository": src_repo}).encode()
+        await self.meta.set_record(upstream, repository, "sources", digest, value)
+
+    async def source_of(
+        self, upstream: Upstream, repository: str, digest: str
+    ) -> tuple[Upstream, str]:
+        """Where to fetch ``digest`` requested under ``repository`` from upstream."""
+        if not self.config.rules:
+            return upstream, repository
+        raw = await self.meta.get_record(upstream.name, repository, "sources", digest)
+        if raw is None:
+            return upstream, repository
+        src = json.loads(raw)
+        return self.upstreams[src["upstream"]], src["repository"]
+
+    async def child_manifest(
+        self, upstream: Upstream, repository: str, digest: str, *, head: bool
+    ) -> Manifest:
+        source, src_repo = await self.source_of(upstream, repository, digest)
+        manifest = await self.manifests.by_digest(source, src_repo, digest, head=head)
+        if (source, src_repo) != (upstream, repository) and manifest.data is not None:
+            # The client asks for this child's config and layers under `repository` next.
+            doc = json.loads(manifest.data)
+            for blob in [doc.get("config") or {}, *(doc.get("layers") or [])]:
+                if isinstance(blob, dict) and blob.get("digest"):
+                    await self.remember(
+                        upstream.name, repository, blob["digest"], source.name, src_repo
+                    )
+        return manifest
+
+    # -- clients that cannot take an index -------------------------------------------------------
+
+    async def for_client(
+        self,
+        upstream: Upstream,
+        repository: str,
+        index: Manifest,
+        entries: Sequence[Entry] | None,
+        *,
+        user_agent: str,
+        head: bool,
+    ) -> Manifest:
+        """The child of ``index`` for the client's platform (UA hint, else the default)."""
+        wanted = platform_from_user_agent(user_agent) or self.config.default
+        if entries is None:
+            if index.data is None:
+                index = await self.manifests.by_digest(
+                    upstream, repository, index.digest, head=False
+                )
+            entries = index_entries(index)
+        match = next((e for e in entries if e.platform == wanted), None)
+        if match is None:
+            available = sorted({str(p) for e in entries if (p := e.platform) and not p.unknown})
+            raise ManifestUnknown(
+                {"platform": str(wanted), "available": available},
+                message=f"no manifest for {wanted} in this tag",
+            )
+        return await self.child_manifest(
+            upstream, repository, match.descriptor["digest"], head=head
+        )
