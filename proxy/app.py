@@ -15,6 +15,8 @@ typed ``web.AppKey`` keys.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -34,10 +36,12 @@ from proxy.errors import (
     error_middleware,
 )
 from proxy.manifests import Manifest, ManifestService
+from proxy.metrics import CONTENT_TYPE_LATEST, Metrics, UsageStats
 from proxy.platforms import PlatformService, accepts_index, load_platforms
 from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
 from proxy.routing import Router
 from proxy.upstream import INDEX_TYPES, Upstream, Upstreams
+from storage.eviction import CacheManager
 from storage.filesystem import FilesystemStorage
 
 log = logging.getLogger(__name__)
@@ -49,18 +53,26 @@ ROUTER = web.AppKey("router", Router)
 BLOBS = web.AppKey("blobs", BlobService)
 MANIFESTS = web.AppKey("manifests", ManifestService)
 PLATFORMS = web.AppKey("platforms", PlatformService)
+METRICS = web.AppKey("metrics", Metrics)
+USAGE = web.AppKey("usage", UsageStats)
+CACHE = web.AppKey("cache", CacheManager)
 
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = ("GET", "HEAD")
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request, after its body was sent: method, path, status, bytes, time, cache."""
+    """One line per request once its body was sent (method, path, status, bytes, time, cache),
+    and the request metrics, which need that same moment."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         cache = response.headers.get("X-Cache", "-")
         if request.get("cache") == "miss-aborted":
             cache = "ABORTED"
+        if isinstance(request, web.Request) and METRICS in request.app:
+            observe(request.app[METRICS], request, response, time, cache)
+            if USAGE in request.app:
+                count_usage(request.app[USAGE], request, response, cache)
         self.logger.info(
             "request method=%s path=%s status=%d bytes=%d duration=%.3f cache=%s",
             request.method,
@@ -70,6 +82,40 @@ class AccessLogger(AbstractAccessLogger):
             time,
             cache,
         )
+
+
+def observe(
+    metrics: Metrics, request: BaseRequest, response: StreamResponse, duration: float, cache: str
+) -> None:
+    route = request.get("route", "other")
+    metrics.requests.labels(request.method, route, str(response.status)).inc()
+    metrics.duration.labels(route).observe(duration)
+    kind = request.get("kind")
+    if kind is None or not 200 <= response.status < 300:
+        return
+    if cache in ("HIT", "STALE"):
+        metrics.hits.labels(kind).inc()
+        if cache == "STALE":
+            metrics.stale.inc()
+    elif cache in ("MISS", "ABORTED"):
+        metrics.misses.labels(kind).inc()
+    if request.method == "GET":
+        source = "cache" if cache in ("HIT", "STALE") else "upstream"
+        sent = response.content_length if cache != "ABORTED" else None
+        metrics.served_bytes.labels(source).inc(sent or 0)
+
+
+def count_usage(
+    usage: UsageStats, request: web.Request, response: StreamResponse, cache: str
+) -> None:
+    if request.get("kind") is None or not 200 <= response.status < 300:
+        return
+    if cache in ("HIT", "STALE"):
+        usage.hits += 1
+    elif cache in ("MISS", "ABORTED"):
+        usage.misses += 1
+    if request.get("pull"):
+        usage.pulls[request["pull"]] += 1
 
 
 @web.middleware
@@ -105,6 +151,7 @@ def _route(request: web.Request, name: str) -> tuple[Upstream, str]:
 
 
 async def handle_base(request: web.Request) -> web.Response:
+    request["route"] = "base"
     return web.json_response({}, headers=API_HEADERS)
 
 
@@ -112,6 +159,9 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
     if request.method not in READ_METHODS:
         raise Unsupported({"method": request.method})
     name, kind, ref = split_path(request.match_info["path"])
+    request["route"] = {"blobs": "blob", "manifests": "manifest", "tags": "tags"}[kind]
+    if kind != "tags":
+        request["kind"] = request["route"]  # blob | manifest: what hit/miss metrics count
     if kind == "blobs":
         check_name(name)
         check_digest(ref)
@@ -122,6 +172,8 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
         check_name(name)
         check_reference(ref)
         upstream, repository = _route(request, name)
+        if request.method == "GET" and not is_digest(ref):
+            request["pull"] = f"{upstream.name}/{repository}"
         return await serve_manifest(request, upstream, repository, ref)
     upstream, repository = _route(request, name)
     return await serve_tags(request, upstream, repository)
@@ -195,7 +247,27 @@ async def handle_inspect(request: web.Request) -> web.Response:
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
+    request["route"] = "healthz"
     return web.json_response({"status": "ok"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    """Ready when the storage directory takes writes and is not full."""
+    request["route"] = "readyz"
+    problems = request.app[STORAGE].check_ready()
+    cache = request.app[CACHE]
+    if cache.full:
+        problems.append(f"cache full: {cache.used} of {cache.limit} bytes in use")
+    status = 503 if problems else 200
+    return web.json_response(
+        {"status": "unready" if problems else "ready", "problems": problems}, status=status
+    )
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    request["route"] = "metrics"
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def handle_other(request: web.Request) -> web.StreamResponse:
@@ -209,11 +281,14 @@ def create_app(config: Config) -> web.Application:
         handler_args={"max_line_size": 8190, "max_field_size": 8190},
     )
     app[CONFIG] = config
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/v2/", handle_base, allow_head=True)
     app.router.add_get("/v2", handle_base, allow_head=True)
     app.router.add_route("*", "/v2/{path:.+}", handle_v2)
     app.router.add_get("/healthz", handle_healthz, allow_head=True)
+    app.router.add_get("/readyz", handle_readyz, allow_head=True)
+    app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/_regproxy/inspect", handle_inspect)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
@@ -221,14 +296,21 @@ def create_app(config: Config) -> web.Application:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    metrics = app[METRICS]
     storage = FilesystemStorage(config.storage)
     storage.open()
     upstreams = Upstreams(config.upstreams)
+    for upstream in upstreams.by_name.values():
+        upstream.metrics = metrics
     await upstreams.start()
     app[STORAGE] = storage
     app[UPSTREAMS] = upstreams
     app[ROUTER] = Router(config.upstreams, config.default_upstream)
-    app[BLOBS] = BlobService(storage, offline=config.offline)
+    interval = 60.0 if config.cache.blob_ttl is None else min(60.0, config.cache.blob_ttl / 2)
+    cache = CacheManager(storage, config.cache, metrics=metrics, interval=max(0.5, interval))
+    app[CACHE] = cache
+    app[BLOBS] = BlobService(storage, offline=config.offline, metrics=metrics, cache=cache)
+    metrics.inflight.set_function(lambda: len(app[BLOBS].downloads))
     app[MANIFESTS] = ManifestService(storage, storage, offline=config.offline)
     app[PLATFORMS] = PlatformService(
         load_platforms(config.platforms),
@@ -244,9 +326,34 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         ",".join(f"{n}={u.url}" for n, u in config.upstreams.items()),
         config.default_upstream,
     )
+    usage = UsageStats(storage.root)
+    app[USAGE] = usage
+    await cache.start()
+    saver = asyncio.create_task(_save_usage(usage, upstreams))
     try:
         yield
     finally:
+        saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saver
+        _save_usage_now(usage, upstreams)
+        await cache.stop()
         await app[BLOBS].close()
         await upstreams.close()
         storage.close()
+
+
+def _save_usage_now(usage: UsageStats, upstreams: Upstreams) -> None:
+    for name, upstream in upstreams.by_name.items():
+        if upstream.ratelimit_remaining is not None:
+            usage.ratelimit[name] = upstream.ratelimit_remaining
+    try:
+        usage.save()
+    except OSError as exc:
+        log.error("cannot save usage stats path=%s error=%s", usage.path, exc)
+
+
+async def _save_usage(usage: UsageStats, upstreams: Upstreams, every: float = 15.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        _save_usage_now(usage, upstreams)

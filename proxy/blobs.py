@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from proxy.errors import (
     BlobUnknown,
@@ -39,6 +43,10 @@ from proxy.errors import (
 from proxy.singleflight import SingleFlight
 from proxy.upstream import Upstream
 from storage.base import BlobWriter, ContentStore
+
+if TYPE_CHECKING:
+    from proxy.metrics import Metrics
+    from storage.eviction import CacheManager
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +97,18 @@ class Download:
 class BlobService:
     """Serves blobs from the content store, fetching misses from upstream once."""
 
-    def __init__(self, store: ContentStore, *, offline: bool = False) -> None:
+    def __init__(
+        self,
+        store: ContentStore,
+        *,
+        offline: bool = False,
+        metrics: Metrics | None = None,
+        cache: CacheManager | None = None,
+    ) -> None:
         self.store = store
         self.offline = offline
+        self.metrics = metrics
+        self.cache = cache
         self.flights: SingleFlight[str, None] = SingleFlight()
         self.downloads: dict[str, Download] = {}
 
@@ -115,6 +132,8 @@ class BlobService:
             dl.fail(UpstreamUnreachable("download cancelled", upstream=dl.upstream.name))
             raise
         except (UpstreamError, StorageError) as exc:
+            if isinstance(exc, StorageError) and self.metrics is not None:
+                self.metrics.storage_errors.labels("write").inc()
             log.warning(
                 "blob download failed digest=%s upstream=%s error=%s",
                 dl.digest,
@@ -157,6 +176,8 @@ class BlobService:
                         assert dl.writer is not None
                         dl.writer.write(chunk)
                         dl.written += len(chunk)
+                        if self.metrics is not None:
+                            self.metrics.upstream_bytes.labels(upstream.name).inc(len(chunk))
                         dl._notify()
                 if dl.size is None or dl.written >= dl.size:
                     break
@@ -234,6 +255,9 @@ class BlobService:
             await dl.started
         except UpstreamError as exc:
             raise to_registry_error(exc, not_found=BlobUnknown) from exc
+        except StorageError:
+            # The cache cannot take it (disk full, read-only): the client still gets the blob.
+            return await relay_uncached(request, None, upstream, repository, digest, None, 0)
         if request.http_range.start is not None or request.http_range.stop is not None:
             # A range of a blob still downloading: wait for the verified whole, then serve it.
             await self._wait_done(dl)
@@ -250,15 +274,40 @@ class BlobService:
             dl = self.download(upstream, repository, digest)
             try:
                 await dl.started
+                await self._wait_done(dl)
             except UpstreamError as exc:
                 raise to_registry_error(exc, not_found=BlobUnknown) from exc
-            await self._wait_done(dl)
+            except StorageError:
+                return await self._read_uncached(upstream, repository, digest, limit)
         path = self.store.blob_path(digest)
         try:
             with open(path, "rb") as handle:  # noqa: ASYNC230 - a config blob: a few KiB
                 return handle.read(limit)
         except OSError as exc:
             raise StorageError("cannot read blob", path=str(path)) from exc
+
+    async def _read_uncached(
+        self, upstream: Upstream, repository: str, digest: str, limit: int
+    ) -> bytes:
+        try:
+            async with upstream.request(
+                "GET", f"/v2/{repository}/blobs/{digest}", scope=f"repository:{repository}:pull"
+            ) as resp:
+                data = await resp.content.read(limit)
+        except UpstreamError as exc:
+            raise to_registry_error(exc, not_found=BlobUnknown) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise to_registry_error(
+                UpstreamUnreachable(type(exc).__name__, upstream=upstream.name),
+                not_found=BlobUnknown,
+            ) from exc
+        algorithm = digest.partition(":")[0]
+        if f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}" != digest:
+            raise to_registry_error(
+                UpstreamContentError("blob does not match its digest", upstream=upstream.name),
+                not_found=BlobUnknown,
+            )
+        return data
 
     async def _wait_done(self, dl: Download) -> None:
         while not dl.done:
@@ -269,8 +318,13 @@ class BlobService:
             raise dl.error
 
     def _serve_local(self, request: web.Request, digest: str, size: int) -> web.StreamResponse:
-        resp = web.FileResponse(
-            self.store.blob_path(digest),
+        path = self.store.blob_path(digest)
+        if self.cache is not None:
+            self.cache.touch(path, digest)
+        resp = _BlobFileResponse(
+            path,
+            in_use=self.cache.in_use if self.cache is not None else None,
+            digest=digest,
             chunk_size=CHUNK,
             headers={
                 "Docker-Content-Digest": digest,
@@ -303,6 +357,103 @@ class BlobService:
         if length is not None:
             out.content_length = length
         return out
+
+
+class _BlobFileResponse(web.FileResponse):
+    """A cached blob sent with sendfile; counted in use (never evicted) until it is sent."""
+
+    def __init__(
+        self, path: Path, *, in_use: Counter[str] | None, digest: str, **kwargs: Any
+    ) -> None:
+        super().__init__(path, **kwargs)
+        self._in_use = in_use
+        self._digest = digest
+        if in_use is not None:
+            in_use[digest] += 1
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            if self._in_use is not None:
+                self._in_use[self._digest] -= 1
+                if self._in_use[self._digest] <= 0:
+                    del self._in_use[self._digest]
+                self._in_use = None
+
+
+async def relay_uncached(
+    request: web.Request,
+    resp: web.StreamResponse | None,
+    upstream: Upstream,
+    repository: str,
+    digest: str,
+    fd: int | None,
+    offset: int,
+) -> web.StreamResponse:
+    """Send a blob (from ``offset`` on) straight from upstream, verified but not cached.
+
+    Used when the cache cannot store it. The bytes the client already got are re-hashed from
+    the temp file still open at ``fd``; the last byte is held back until the digest matches.
+    """
+    hasher = hashlib.new(digest.partition(":")[0])
+    pos = 0
+    while fd is not None and pos < offset:
+        chunk = os.pread(fd, min(CHUNK, offset - pos), pos)
+        if not chunk:
+            break
+        hasher.update(chunk)
+        pos += len(chunk)
+    if pos != offset:
+        _abort(request)
+        return resp or web.StreamResponse()
+    log.warning("cache cannot store blob, relaying it uncached digest=%s offset=%d", digest, offset)
+    request["cache"] = "miss-uncached"
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        async with upstream.request(
+            "GET",
+            f"/v2/{repository}/blobs/{digest}",
+            scope=f"repository:{repository}:pull",
+            headers=headers,
+            expect=(200, 206),
+        ) as up:
+            if resp is None:
+                resp = web.StreamResponse(
+                    headers={
+                        "Docker-Content-Digest": digest,
+                        "Content-Type": "application/octet-stream",
+                        "X-Cache": "MISS",
+                    }
+                )
+                if up.content_length is not None:
+                    resp.content_length = up.content_length
+                await resp.prepare(request)
+            skip = offset if up.status == 200 else 0
+            held = b""
+            async for chunk in up.content.iter_chunked(CHUNK):
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                hasher.update(chunk)
+                data = held + chunk
+                held = data[-1:]
+                if len(data) > 1:
+                    await resp.write(data[:-1])
+    except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
+        if resp is None:
+            if isinstance(exc, UpstreamError):
+                raise to_registry_error(exc, not_found=BlobUnknown) from exc
+            raise
+        _abort(request)
+        return resp
+    if f"{digest.partition(':')[0]}:{hasher.hexdigest()}" != digest:
+        log.warning("uncached relay failed verification digest=%s", digest)
+        _abort(request)
+        return resp
+    await resp.write(held)
+    await resp.write_eof()
+    return resp
 
 
 async def stream_download(request: web.Request, dl: Download, digest: str) -> web.StreamResponse:
@@ -347,6 +498,17 @@ async def stream_download(request: web.Request, dl: Download, digest: str) -> we
         await resp.write_eof()
         return resp
     except _Aborted as exc:
+        if isinstance(exc.cause, StorageError):
+            # The cache failed mid-download (disk full): finish this client from upstream.
+            return await relay_uncached(
+                request,
+                resp if resp.prepared else None,
+                dl.upstream,
+                dl.repository,
+                digest,
+                fd,
+                offset,
+            )
         log.warning(
             "aborting client response digest=%s sent=%d error=%s", digest, offset, exc.cause
         )

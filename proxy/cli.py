@@ -17,6 +17,7 @@ from proxy import commands
 from proxy.commands import DEFAULT_PROXY
 from proxy.config import DOCKER_HUB_URL, Config, ConfigError, load_config
 from proxy.errors import RegistryError, StorageError
+from storage import maintenance
 
 log = logging.getLogger("proxy")
 
@@ -68,6 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
     serve.set_defaults(handler=cmd_serve)
+
+    cache = commands.add_parser("cache", help="look at or prune a cache directory")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    stats = cache_commands.add_parser("stats", help="size, hit ratio, top repositories")
+    _add_config_flags(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(handler=cmd_cache_stats)
+    purge = cache_commands.add_parser(
+        "purge", help="drop an image's tags and manifests, and blobs nothing else uses"
+    )
+    _add_config_flags(purge)
+    purge.add_argument("image", metavar="IMAGE[:TAG]", help="without a tag: every tag")
+    purge.add_argument("--json", action="store_true", help="print JSON")
+    purge.set_defaults(handler=cmd_cache_purge)
+
+    gc = commands.add_parser("gc", help="remove temp files of crashed runs and orphaned entries")
+    _add_config_flags(gc)
+    gc.add_argument("--json", action="store_true", help="print JSON")
+    gc.set_defaults(handler=cmd_gc)
+
+    verify = commands.add_parser(
+        "verify", help="re-hash stored blobs and manifests; quarantine any mismatch"
+    )
+    _add_config_flags(verify)
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(handler=cmd_verify)
 
     inspect = commands.add_parser(
         "inspect", help="show the platforms a running proxy serves for a tag, with their sources"
@@ -153,6 +180,95 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=5.0,
     )
     return 0
+
+
+def _storage_config(args: argparse.Namespace) -> Config:
+    config = load_config(config_file=args.config, flags={"storage": args.storage})
+    if not config.storage.is_dir():
+        raise ConfigError("storage", f"{config.storage} is not a directory")
+    return config
+
+
+def _print(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    print(json.dumps(result, indent=2) if args.json else text)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unbounded"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def cmd_cache_stats(args: argparse.Namespace) -> int:
+    config = _storage_config(args)
+    result = maintenance.stats(config.storage, config.cache.max_size)
+    ratio = result["hit_ratio"]
+    lines = [
+        f"size        {_size(result['used_bytes'])} of {_size(result['limit_bytes'])}"
+        f" ({result['files']['blobs']} blobs, {result['files']['manifests']} manifests)",
+        f"hit ratio   {'-' if ratio is None else f'{ratio:.1%}'}"
+        f" ({result['hits']} hits, {result['misses']} misses)",
+        "top repositories by bytes:",
+        *(f"  {_size(r['bytes']):>12}  {r['repository']}" for r in result["top_by_bytes"]),
+        "top repositories by pulls:",
+        *(f"  {r['pulls']:>12}  {r['repository']}" for r in result["top_by_pulls"]),
+        "upstream rate limit remaining: "
+        + (
+            ", ".join(f"{k}={v}" for k, v in result["upstream_ratelimit_remaining"].items())
+            or "unknown"
+        ),
+    ]
+    _print(args, result, "\n".join(lines))
+    return 0
+
+
+def cmd_cache_purge(args: argparse.Namespace) -> int:
+    config = _storage_config(args)
+    from proxy.reference import parse_image
+    from proxy.routing import Router
+
+    ref = parse_image(args.image)
+    upstream, repository = Router(config.upstreams, config.default_upstream).route(
+        ref.repository, None
+    )
+    result = maintenance.purge(config.storage, upstream, repository, ref.tag)
+    text = (
+        f"purged {result['tags']} tags of {upstream}/{repository}: "
+        f"{result['files']} files, {_size(result['bytes'])} freed"
+    )
+    _print(args, result, text)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    config = _storage_config(args)
+    result = maintenance.gc(config.storage)
+    details = ", ".join(f"{k}={v}" for k, v in sorted(result["details"].items())) or "nothing"
+    _print(args, result, f"gc freed {result['files']} files, {_size(result['bytes'])} ({details})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    config = _storage_config(args)
+    bar = commands.progress_bar(maintenance.total_bytes(config.storage), "verifying")
+    try:
+        result = maintenance.verify(config.storage, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    text = f"verified {result['checked']} files ({_size(result['bytes'])}): " + (
+        "all good"
+        if not result["corrupt"]
+        else f"{len(result['corrupt'])} corrupt, quarantined: "
+        + ", ".join(c["digest"] for c in result["corrupt"])
+    )
+    _print(args, result, text)
+    return 1 if result["corrupt"] else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

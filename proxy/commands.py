@@ -122,7 +122,7 @@ async def _fetch_blobs(
     progress: bool,
 ) -> None:
     unique = list({digest: (repo, digest, size) for repo, digest, size in work}.values())
-    bar = _progress(sum(size for _, _, size in unique)) if progress else None
+    bar = progress_bar(sum(size for _, _, size in unique), "warming") if progress else None
     semaphore = asyncio.Semaphore(4)
 
     async def one(repository: str, digest: str) -> None:
@@ -150,7 +150,7 @@ async def _fetch_blobs(
 
 
 class _Bar:
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, description: str) -> None:
         from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
         self._progress = Progress(
@@ -161,7 +161,7 @@ class _Bar:
             transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("warming", total=total)
+        self._task = self._progress.add_task(description, total=total)
 
     def update(self, n: int) -> None:
         self._progress.update(self._task, advance=n)
@@ -170,10 +170,11 @@ class _Bar:
         self._progress.stop()
 
 
-def _progress(total: int) -> _Bar | None:
+def progress_bar(total: int, description: str) -> _Bar | None:
+    """A progress bar on a terminal; None when output goes elsewhere."""
     if not sys.stderr.isatty():
         return None
     try:
-        return _Bar(total)
+        return _Bar(total, description)
     except ImportError:  # rich is optional: no bar, same work
         return None

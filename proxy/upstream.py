@@ -37,6 +37,7 @@ from proxy.errors import (
     UpstreamStatus,
     UpstreamUnreachable,
 )
+from proxy.metrics import Metrics
 from proxy.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class Upstream:
         self.backoff_until = 0.0
         #: Last ``ratelimit-remaining`` seen from Docker Hub, or None.
         self.ratelimit_remaining: int | None = None
-        self.on_response: list[Any] = []
+        self.metrics: Metrics | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300)
@@ -190,6 +191,7 @@ class Upstream:
         url = URL(realm).update_query(query)
         try:
             async with self.session.get(url, headers=headers, allow_redirects=True) as resp:
+                self._count("GET", str(resp.status))
                 if resp.status != 200:
                     raise UpstreamStatus(
                         f"token request failed with {resp.status}",
@@ -313,7 +315,12 @@ class Upstream:
                 if url.origin() == origin
                 else {k: v for k, v in headers.items() if k.lower() != "authorization"}
             )
-            resp = await self.session.request(method, url, headers=hdrs, allow_redirects=False)
+            try:
+                resp = await self.session.request(method, url, headers=hdrs, allow_redirects=False)
+            except BaseException:
+                self._count(method, "error")
+                raise
+            self._count(method, str(resp.status))
             if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
             url = url.join(URL(resp.headers["Location"]))
@@ -322,13 +329,17 @@ class Upstream:
                 method = "GET"
         raise UpstreamStatus("too many redirects", upstream=self.name, url=str(url), status=508)
 
+    def _count(self, method: str, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_requests.labels(self.name, method, status).inc()
+
     def _observe(self, resp: aiohttp.ClientResponse) -> None:
         remaining = resp.headers.get("ratelimit-remaining")
         if remaining:
             with contextlib.suppress(ValueError):
                 self.ratelimit_remaining = int(remaining.split(";")[0])
-        for callback in self.on_response:
-            callback(self, resp)
+            if self.metrics is not None and self.ratelimit_remaining is not None:
+                self.metrics.ratelimit_remaining.labels(self.name).set(self.ratelimit_remaining)
 
     async def _raise_for(self, resp: aiohttp.ClientResponse, url: URL) -> None:
         safe_url = str(url.with_query(None))

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from proxy.errors import StorageError, UpstreamContentError
@@ -82,6 +83,8 @@ class FilesystemBlobWriter:
             os.close(fd)
             self._final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.path, self._final)
+            if self._storage.on_commit is not None:
+                self._storage.on_commit(self.size)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -113,6 +116,10 @@ class FilesystemStorage:
         self.instance = uuid.uuid4().hex[:12]
         self.tmp_dir = self.root / "tmp" / self.instance
         self._lock_fd: int | None = None
+        #: Called with the size of every committed blob or manifest (size accounting).
+        self.on_commit: Callable[[int], None] | None = None
+        #: Called with (path, digest) when a stored manifest is read (LRU recency).
+        self.on_access: Callable[[Path, str], None] | None = None
 
     def error(self, message: str, path: Path, exc: OSError) -> StorageError:
         err = StorageError(
@@ -169,6 +176,28 @@ class FilesystemStorage:
             os.close(fd)  # closing drops the lock we may have taken
         return False
 
+    def check_ready(self, min_free: int = 16 * 1024 * 1024) -> list[str]:
+        """Problems that make this storage unfit to serve: not writable, disk full."""
+        problems = []
+        probe = self.tmp_dir / "ready-probe"
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"ok")
+                handle.flush()
+                os.fsync(handle.fileno())
+            probe.unlink()
+        except OSError as exc:
+            problems.append(f"storage not writable: {os.strerror(exc.errno or 0)}")
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            problems.append(f"storage not readable: {os.strerror(exc.errno or 0)}")
+        else:
+            free = st.f_bavail * st.f_frsize
+            if free < min_free:
+                problems.append(f"disk full: {free} bytes free")
+        return problems
+
     def close(self) -> None:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         if self._lock_fd is not None:
@@ -218,6 +247,8 @@ class FilesystemStorage:
             return None
         except OSError as exc:
             raise self.error("cannot read manifest", path, exc) from exc
+        if self.on_access is not None:
+            self.on_access(path, digest)
         return data, media_type
 
     async def put_manifest(self, digest: str, data: bytes, media_type: str) -> None:
@@ -228,6 +259,8 @@ class FilesystemStorage:
         # The type file first: the manifest file's presence is what says "stored".
         self._write_atomic(path.with_name(path.name + ".type"), media_type.encode())
         self._write_atomic(path, data)
+        if self.on_commit is not None:
+            self.on_commit(len(data))
 
     async def delete_manifest(self, digest: str) -> bool:
         path = self._manifest_path(digest)

@@ -1,0 +1,156 @@
+"""Prometheus metrics (``GET /metrics``), one registry per app.
+
+=========================================  ==========================================
+metric                                     what
+=========================================  ==========================================
+regproxy_requests_total{method,route,status}   client requests answered
+regproxy_request_duration_seconds{route}   time to answer (histogram; body included)
+regproxy_cache_hits_total{kind}            blob|manifest served from the cache (STALE too)
+regproxy_cache_misses_total{kind}          blob|manifest fetched from upstream
+regproxy_stale_served_total                manifests/tag lists served stale (upstream failed)
+regproxy_cache_served_bytes_total{source}  body bytes served, cache|upstream
+regproxy_upstream_requests_total{upstream,method,status}  requests to upstreams ("error": none)
+regproxy_upstream_bytes_total{upstream}    blob bytes received from upstreams
+regproxy_upstream_ratelimit_remaining{upstream}  Docker Hub's ``ratelimit-remaining``
+regproxy_storage_bytes                     bytes of blobs and manifests on disk
+regproxy_storage_limit_bytes               ``cache.max_size`` (0: unbounded)
+regproxy_evictions_total{kind}             files removed by eviction
+regproxy_inflight_downloads                blob downloads from upstream in progress
+regproxy_storage_errors_total{op}          local disk failures (never silent misses)
+=========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections import Counter as Tally
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "regproxy_requests",
+            "Client requests answered",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "regproxy_request_duration_seconds",
+            "Time to answer a request, body included",
+            ["route"],
+            registry=r,
+            buckets=(
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+                300,
+            ),
+        )
+        self.hits = Counter("regproxy_cache_hits", "Served from the cache", ["kind"], registry=r)
+        self.misses = Counter(
+            "regproxy_cache_misses", "Fetched from upstream", ["kind"], registry=r
+        )
+        self.stale = Counter(
+            "regproxy_stale_served", "Served stale because upstream failed", registry=r
+        )
+        self.served_bytes = Counter(
+            "regproxy_cache_served_bytes", "Body bytes served", ["source"], registry=r
+        )
+        self.upstream_requests = Counter(
+            "regproxy_upstream_requests",
+            "Requests to upstream registries",
+            ["upstream", "method", "status"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "regproxy_upstream_bytes",
+            "Blob bytes received from upstreams",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "regproxy_upstream_ratelimit_remaining",
+            "Docker Hub's ratelimit-remaining",
+            ["upstream"],
+            registry=r,
+        )
+        self.storage_bytes = Gauge(
+            "regproxy_storage_bytes", "Bytes of blobs and manifests on disk", registry=r
+        )
+        self.storage_limit = Gauge(
+            "regproxy_storage_limit_bytes", "cache.max_size (0: unbounded)", registry=r
+        )
+        self.evictions = Counter(
+            "regproxy_evictions", "Files removed by eviction", ["kind"], registry=r
+        )
+        self.inflight = Gauge(
+            "regproxy_inflight_downloads", "Blob downloads from upstream in progress", registry=r
+        )
+        self.storage_errors = Counter(
+            "regproxy_storage_errors", "Local storage failures", ["op"], registry=r
+        )
+        for kind in ("blob", "manifest"):
+            self.hits.labels(kind)
+            self.misses.labels(kind)
+            self.evictions.labels(kind)
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class UsageStats:
+    """Counts that ``regproxy cache stats`` reads from disk: hits, misses, pulls per repository.
+
+    Kept in ``<storage>/stats/<host>.json``, one file per replica, continued across restarts.
+    """
+
+    def __init__(self, root: Path, name: str | None = None) -> None:
+        self.path = root / "stats" / f"{name or socket.gethostname()}.json"
+        self.hits = 0
+        self.misses = 0
+        self.pulls: Tally[str] = Tally()
+        self.ratelimit: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            previous = json.loads(self.path.read_text())
+            self.hits = int(previous.get("hits", 0))
+            self.misses = int(previous.get("misses", 0))
+            self.pulls.update({str(k): int(v) for k, v in previous.get("pulls", {}).items()})
+
+    def save(self) -> None:
+        doc = {
+            "hits": self.hits,
+            "misses": self.misses,
+            "pulls": dict(self.pulls.most_common(1000)),
+            "ratelimit_remaining": self.ratelimit,
+            "updated_at": time.time(),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.path)
