@@ -41,8 +41,11 @@ from proxy.platforms import PlatformService, accepts_index, load_platforms
 from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
 from proxy.routing import Router
 from proxy.upstream import INDEX_TYPES, Upstream, Upstreams
+from storage.base import MetadataStore
 from storage.eviction import CacheManager
 from storage.filesystem import FilesystemStorage
+from storage.redis import RedisCoordinator, RedisMetadata
+from storage.redis import connect as connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -311,12 +314,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[CACHE] = cache
     app[BLOBS] = BlobService(storage, offline=config.offline, metrics=metrics, cache=cache)
     metrics.inflight.set_function(lambda: len(app[BLOBS].downloads))
-    app[MANIFESTS] = ManifestService(storage, storage, offline=config.offline)
+    meta: MetadataStore = storage
+    redis_client = None
+    if config.redis_url:
+        redis_client = connect_redis(config.redis_url)
+        meta = RedisMetadata(redis_client, storage)
+        coordinator = RedisCoordinator(redis_client, storage.instance)
+        app[BLOBS].coordinator = coordinator
+        cache.coordinator = coordinator
+    app[MANIFESTS] = ManifestService(storage, meta, offline=config.offline)
     app[PLATFORMS] = PlatformService(
         load_platforms(config.platforms),
         manifests=app[MANIFESTS],
         blobs=app[BLOBS],
-        meta=storage,
+        meta=meta,
         upstreams=upstreams,
         router=app[ROUTER],
     )
@@ -340,6 +351,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await cache.stop()
         await app[BLOBS].close()
         await upstreams.close()
+        if redis_client is not None:
+            await redis_client.aclose()
         storage.close()
 
 

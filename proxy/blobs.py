@@ -47,6 +47,7 @@ from storage.base import BlobWriter, ContentStore
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
     from storage.eviction import CacheManager
+    from storage.redis import RedisCoordinator
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class BlobService:
         self.offline = offline
         self.metrics = metrics
         self.cache = cache
+        #: Cross-replica single flight (Redis); None: this process only.
+        self.coordinator: RedisCoordinator | None = None
         self.flights: SingleFlight[str, None] = SingleFlight()
         self.downloads: dict[str, Download] = {}
 
@@ -127,7 +130,10 @@ class BlobService:
 
     async def _run(self, dl: Download) -> None:
         try:
-            await self._fetch(dl)
+            if self.coordinator is None:
+                await self._fetch(dl)
+            else:
+                await self._coordinated(dl, self.coordinator)
         except asyncio.CancelledError:
             dl.fail(UpstreamUnreachable("download cancelled", upstream=dl.upstream.name))
             raise
@@ -212,6 +218,71 @@ class BlobService:
         dl.path = self.store.blob_path(dl.digest)
         dl._notify()
         log.debug("blob cached digest=%s size=%d", dl.digest, dl.written)
+
+    async def _coordinated(self, dl: Download, coordinator: RedisCoordinator) -> None:
+        """Fetch it ourselves if no other replica is, else follow that replica's temp file."""
+        for _ in range(3):
+            owned = await coordinator.acquire(dl.digest)
+            if owned is None:  # Redis is away: per-replica behaviour
+                await self._fetch(dl)
+                return
+            if owned:
+                refresher = asyncio.create_task(self._keep_lock(dl, coordinator))
+                try:
+                    await self._fetch(dl)
+                finally:
+                    refresher.cancel()
+                    await coordinator.release(dl.digest)
+                return
+            if await self._follow_remote(dl, coordinator):
+                return
+            if dl.started.done():
+                raise UpstreamUnreachable(
+                    "the replica downloading this blob failed", upstream=dl.upstream.name
+                )
+        raise UpstreamUnreachable("could not coordinate the download", upstream=dl.upstream.name)
+
+    async def _keep_lock(self, dl: Download, coordinator: RedisCoordinator) -> None:
+        published = False
+        while True:
+            if not published and dl.writer is not None:
+                relative = str(dl.writer.path.relative_to(self.store.root))
+                await coordinator.publish(dl.digest, relative, dl.size)
+                published = True
+            await asyncio.sleep(0.05 if not published else 5.0)
+            if published:
+                await coordinator.refresh(dl.digest)
+
+    async def _follow_remote(self, dl: Download, coordinator: RedisCoordinator) -> bool:
+        """Stream another replica's download from the shared volume; False if it vanished."""
+        while True:
+            size = await self.store.stat_blob(dl.digest)
+            if size is not None:  # committed (verified) by the owner
+                dl.size, dl.written, dl.path = size, size, self.store.blob_path(dl.digest)
+                dl.committed = True
+                if not dl.started.done():
+                    dl.started.set_result(None)
+                dl._notify()
+                return True
+            info = await coordinator.inflight(dl.digest)
+            if info is not None and not dl.started.done():
+                path = (self.store.root / str(info.get("path"))).resolve()
+                if not path.is_relative_to((self.store.root / "tmp").resolve()):
+                    log.error("ignoring an in-flight record outside tmp/ digest=%s", dl.digest)
+                    return False
+                dl.size = info.get("size")
+                dl.path = path
+                dl.started.set_result(None)
+            if dl.path is not None and dl.started.done():
+                # FileNotFoundError: renamed at commit (seen on the next turn), or failed
+                with contextlib.suppress(FileNotFoundError):
+                    dl.written = os.stat(dl.path).st_size
+                dl._notify()
+            if not await coordinator.locked(dl.digest):
+                if await self.store.stat_blob(dl.digest) is not None:
+                    continue
+                return False
+            await asyncio.sleep(0.05)
 
     def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
         """Check the response against what we have; return how many leading bytes to skip."""

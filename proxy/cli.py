@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--offline", action="store_true", default=None, help="never contact upstream"
     )
+    serve.add_argument(
+        "--redis", metavar="URL", help="redis://… for metadata shared by replicas (default: none)"
+    )
     serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
     serve.set_defaults(handler=cmd_serve)
@@ -135,6 +138,7 @@ FLAG_PATHS = {
     "upstream_password_file": "upstream_password_file",
     "max_size": "cache.max_size",
     "offline": "offline",
+    "redis": "redis.url",
     "tls_cert": "tls_cert",
     "tls_key": "tls_key",
 }

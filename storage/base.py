@@ -39,6 +39,9 @@ class BlobWriter(Protocol):
 class ContentStore(Protocol):
     """Immutable content by digest: blobs (layers, configs) and manifests."""
 
+    #: The directory holding local files (committed blobs and writes in progress).
+    root: Path
+
     async def stat_blob(self, digest: str) -> int | None:
         """Size of the committed blob, or None if it is not stored."""
 

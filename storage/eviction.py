@@ -35,6 +35,7 @@ from proxy.config import CacheConfig
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
     from storage.filesystem import FilesystemStorage
+    from storage.redis import RedisCoordinator
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,9 @@ class CacheManager:
         #: Digests being sent to a client right now; never evicted.
         self.in_use: Counter[str] = Counter()
         self._touched: dict[str, float] = {}
+        #: Shared access times (Redis) across replicas; None: file mtimes only.
+        self.coordinator: RedisCoordinator | None = None
+        self._pending_access: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -206,6 +210,8 @@ class CacheManager:
         self._touched[digest] = now
         if len(self._touched) > 100_000:
             self._touched.clear()
+        if self.coordinator is not None:
+            self._pending_access[digest] = time.time()
         with contextlib.suppress(FileNotFoundError):
             try:
                 os.utime(path)
@@ -227,7 +233,12 @@ class CacheManager:
         """One pass: rescan, then remove LRU files down to the low watermark (and expired ones)."""
         async with self._lock:
             in_use = {d for d, n in self.in_use.items() if n > 0}
-            report = await asyncio.to_thread(self._evict_sync, in_use)
+            shared: dict[str, float] = {}
+            if self.coordinator is not None:
+                pending, self._pending_access = self._pending_access, {}
+                await self.coordinator.accessed(pending)
+                shared = await self.coordinator.access_times()
+            report = await asyncio.to_thread(self._evict_sync, in_use, shared)
         self._set_used(report.used_after)
         if self.metrics is not None:
             for kind, count in report.removed.items():
@@ -242,8 +253,10 @@ class CacheManager:
             )
         return report
 
-    def _evict_sync(self, in_use: set[str]) -> EvictionReport:
+    def _evict_sync(self, in_use: set[str], shared: dict[str, float]) -> EvictionReport:
         files = scan(self.root)
+        for item in files:  # another replica may have served it more recently
+            item.mtime = max(item.mtime, shared.get(item.digest, 0.0))
         report = EvictionReport()
         report.used_before = used = sum(f.size for f in files)
         protected = pinned_digests(self.root, self.config.pin) | in_use

@@ -28,6 +28,7 @@ import pytest
 from tests.harness.front import Front
 from tests.harness.images import SeededRegistry, seed_image, seed_standard_images
 from tests.harness.proxyproc import ProxyProcess
+from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry, start_registry
 from tests.harness.tokens import TokenIssuer, TokenRegistry
 
@@ -123,3 +124,13 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     finally:
         for proc in reversed(started):
             proc.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1, stopped at teardown."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -6,13 +6,15 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from proxy.errors import StorageError, UpstreamContentError
-from storage import FilesystemStorage, TagEntry
+from storage import FilesystemStorage, MetadataStore, TagEntry
+from storage.redis import RedisMetadata, connect
+from tests.harness.redis import RedisServer
 
 
 def digest(data: bytes) -> str:
@@ -86,13 +88,55 @@ async def test_manifests_round_trip_with_media_type(store: FilesystemStorage) ->
     assert await store.get_manifest(digest(data)) is None
 
 
-async def test_tags_are_namespaced_per_upstream(store: FilesystemStorage) -> None:
+@pytest.fixture(params=["filesystem", "redis"])
+async def meta(
+    request: pytest.FixtureRequest, store: FilesystemStorage, tmp_path: Path
+) -> AsyncIterator[MetadataStore]:
+    """The metadata suite runs on the filesystem store and on Redis (written through)."""
+    if request.param == "filesystem":
+        yield store
+        return
+    server = RedisServer(tmp_path / "redis").start()
+    client = connect(server.url)
+    try:
+        yield RedisMetadata(client, store)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_tags_are_namespaced_per_upstream(meta: MetadataStore) -> None:
     entry = TagEntry("sha256:" + "a" * 64, "application/vnd.oci.image.index.v1+json", 10, 1.5)
-    await store.set_tag("docker.io", "library/alpine", "3", entry)
-    assert await store.get_tag("docker.io", "library/alpine", "3") == entry
-    assert await store.get_tag("ghcr.io", "library/alpine", "3") is None
-    await store.delete_tag("docker.io", "library/alpine", "3")
-    assert await store.get_tag("docker.io", "library/alpine", "3") is None
+    await meta.set_tag("docker.io", "library/alpine", "3", entry)
+    assert await meta.get_tag("docker.io", "library/alpine", "3") == entry
+    assert await meta.get_tag("ghcr.io", "library/alpine", "3") is None
+    assert await meta.get_tag("docker.io", "library/alpine", "4") is None
+    await meta.delete_tag("docker.io", "library/alpine", "3")
+    assert await meta.get_tag("docker.io", "library/alpine", "3") is None
+
+
+async def test_records_round_trip(meta: MetadataStore) -> None:
+    assert await meta.get_record("docker.io", "a/b", "sources", "sha256:x") is None
+    await meta.set_record("docker.io", "a/b", "sources", "sha256:x", b'{"v": 1}')
+    await meta.set_record("docker.io", "a/b", "sources", "sha256:x", b'{"v": 2}')
+    assert await meta.get_record("docker.io", "a/b", "sources", "sha256:x") == b'{"v": 2}'
+    assert await meta.get_record("ghcr.io", "a/b", "sources", "sha256:x") is None
+
+
+async def test_redis_going_away_degrades_to_disk(store: FilesystemStorage, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    client = connect(server.url)
+    meta = RedisMetadata(client, store)
+    entry = TagEntry("sha256:" + "c" * 64, "application/vnd.oci.image.manifest.v1+json", 5, 2.0)
+    await meta.set_tag("docker.io", "library/x", "1", entry)
+    server.stop()
+    try:
+        assert await meta.get_tag("docker.io", "library/x", "1") == entry  # from disk
+        await meta.set_tag("docker.io", "library/x", "2", entry)  # no exception
+        assert await meta.get_tag("docker.io", "library/x", "2") == entry
+        assert meta.guard.failures >= 2
+    finally:
+        await client.aclose()
 
 
 async def test_unreadable_storage_is_an_error_not_a_miss(

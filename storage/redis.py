@@ -1,0 +1,180 @@
+"""Shared metadata in Redis, so that replicas on one storage volume act as one cache.
+
+:class:`RedisMetadata` keeps tag answers, source mappings and other records in Redis and writes
+them through to the filesystem store too; reads prefer Redis. :class:`RedisCoordinator` gives a
+cross-replica single-flight lock for blob downloads and publishes where the owner's temp file is,
+so another replica can stream the growing file instead of fetching upstream again.
+
+Redis is a help, never a dependency of a pull: every call that fails (refused, timeout, any
+``redis.RedisError``) is logged (at most every 30 s) and the caller falls back to the filesystem
+records and per-process single flight. Keys are built by :func:`key` only; the layout is drawn in
+``storage/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from storage.base import TagEntry
+from storage.filesystem import FilesystemStorage
+
+log = logging.getLogger(__name__)
+
+PREFIX = "regproxy"
+LOCK_TTL_MS = 30_000
+T = TypeVar("T")
+_AWAY = object()
+
+
+def key(*parts: str) -> str:
+    """The one place Redis keys are made: ``regproxy:<part>:<part>...``."""
+    return ":".join((PREFIX, *parts))
+
+
+class _Guard:
+    """Runs Redis calls, turning failures into a fallback value and a rate-limited warning."""
+
+    def __init__(self) -> None:
+        self._warned_at = 0.0
+        self.failures = 0
+
+    async def __call__(self, call: Callable[[], Awaitable[T]], fallback: T) -> T:
+        try:
+            return await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failures += 1
+            now = time.monotonic()
+            if now - self._warned_at > 30:
+                self._warned_at = now
+                log.warning("redis unavailable, continuing per replica error=%s", exc)
+            return fallback
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.from_url(
+        url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=10
+    )
+
+
+class RedisMetadata:
+    """MetadataStore in Redis, written through to ``disk`` and falling back to it."""
+
+    def __init__(self, client: aioredis.Redis, disk: FilesystemStorage) -> None:
+        self.client = client
+        self.disk = disk
+        self.guard = _Guard()
+
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
+        raw = await self.guard(lambda: self.client.get(key("tag", upstream, repository, tag)), None)
+        if raw is not None:
+            try:
+                return TagEntry(**json.loads(raw))
+            except (ValueError, TypeError):
+                pass
+        return await self.disk.get_tag(upstream, repository, tag)
+
+    async def set_tag(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
+        value = json.dumps(
+            {
+                "digest": entry.digest,
+                "media_type": entry.media_type,
+                "size": entry.size,
+                "checked_at": entry.checked_at,
+            }
+        )
+        await self.guard(
+            lambda: self.client.set(key("tag", upstream, repository, tag), value), None
+        )
+        await self.disk.set_tag(upstream, repository, tag, entry)
+
+    async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+        await self.guard(lambda: self.client.delete(key("tag", upstream, repository, tag)), None)
+        await self.disk.delete_tag(upstream, repository, tag)
+
+    async def get_record(
+        self, upstream: str, repository: str, kind: str, name: str
+    ) -> bytes | None:
+        raw = await self.guard(
+            lambda: self.client.get(key("rec", upstream, repository, kind, name)), None
+        )
+        if raw is not None:
+            return raw if isinstance(raw, bytes) else str(raw).encode()
+        return await self.disk.get_record(upstream, repository, kind, name)
+
+    async def set_record(
+        self, upstream: str, repository: str, kind: str, name: str, value: bytes
+    ) -> None:
+        await self.guard(
+            lambda: self.client.set(key("rec", upstream, repository, kind, name), value), None
+        )
+        await self.disk.set_record(upstream, repository, kind, name, value)
+
+
+class RedisCoordinator:
+    """Cross-replica single flight for blob downloads, and shared access times."""
+
+    def __init__(self, client: aioredis.Redis, instance: str) -> None:
+        self.client = client
+        self.instance = instance
+        self.guard = _Guard()
+
+    async def acquire(self, digest: str) -> bool | None:
+        """True: we own the download. False: another replica does. None: Redis is away."""
+
+        async def call() -> object:
+            return await self.client.set(
+                key("lock", "blob", digest), self.instance, nx=True, px=LOCK_TTL_MS
+            )
+
+        ok = await self.guard(call, _AWAY)
+        return None if ok is _AWAY else bool(ok)
+
+    async def refresh(self, digest: str) -> None:
+        await self.guard(
+            lambda: self.client.pexpire(key("lock", "blob", digest), LOCK_TTL_MS), None
+        )
+
+    async def release(self, digest: str) -> None:
+        async def call() -> None:
+            lock = key("lock", "blob", digest)
+            if await self.client.get(lock) == self.instance.encode():
+                await self.client.delete(lock, key("inflight", digest))
+
+        await self.guard(call, None)
+
+    async def publish(self, digest: str, path: str, size: int | None) -> None:
+        value = json.dumps({"path": path, "size": size, "owner": self.instance})
+        await self.guard(
+            lambda: self.client.set(key("inflight", digest), value, px=LOCK_TTL_MS * 4), None
+        )
+
+    async def inflight(self, digest: str) -> dict[str, Any] | None:
+        raw = await self.guard(lambda: self.client.get(key("inflight", digest)), None)
+        if raw is None:
+            return None
+        try:
+            info: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            return None
+        return info
+
+    async def locked(self, digest: str) -> bool:
+        return bool(await self.guard(lambda: self.client.exists(key("lock", "blob", digest)), 0))
+
+    async def accessed(self, digests: dict[str, float]) -> None:
+        if digests:
+            await self.guard(lambda: self.client.zadd(key("access"), digests), None)
+
+    async def access_times(self) -> dict[str, float]:
+        async def call() -> list[Any]:
+            return list(await self.client.zrange(key("access"), 0, -1, withscores=True))
+
+        pairs: list[Any] = await self.guard(call, [])
+        return {(d.decode() if isinstance(d, bytes) else str(d)): float(s) for d, s in pairs}

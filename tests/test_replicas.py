@@ -1,0 +1,71 @@
+"""Replicas sharing one storage volume and one Redis behave as one cache."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.harness.front import Drip, Front, blob
+from tests.harness.images import seed_image
+from tests.harness.proxyproc import ProxyProcess
+from tests.harness.redis import RedisServer
+from tests.harness.registry import Registry
+from tests.test_operations import pull
+from tests.test_read_path import fetch, sha256
+
+ProxyFactory = Callable[..., ProxyProcess]
+FrontFactory = Callable[..., Front]
+
+
+async def test_two_replicas_fetch_each_blob_once(
+    registry: Registry, front: FrontFactory, proxy_factory: ProxyFactory,
+    redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    image = seed_image(registry, "library/shared", "1", platforms=("linux/amd64",),
+                       layer_sizes=(3 * 1024 * 1024,))
+    digest = image.child("linux/amd64").layers[0]
+    upstream = front(registry)
+    # slow enough that both replicas are asked while the download is under way
+    upstream.add_fault(blob(digest, "GET"), Drip(4 * 1024 * 1024), times=5)
+    volume = tmp_path / "volume"
+    args = ["--redis", redis_server.url]
+    a = proxy_factory(upstream.url, storage=volume, extra_args=args)
+    b = proxy_factory(upstream.url, storage=volume, extra_args=args)
+    urls = [f"{p.url}/v2/library/shared/blobs/{digest}" for p in (a, b) for _ in range(6)]
+    results = await asyncio.gather(*(fetch(u) for u in urls))
+    for status, headers, body in results:
+        assert status == 200 and sha256(body) == digest
+        assert headers["Docker-Content-Digest"] == digest
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+    # a tag fetched through one replica is served by the other without asking upstream
+    status, _, body = await fetch(f"{a.url}/v2/library/shared/manifests/1")
+    assert body == image.raw
+    upstream.reset()
+    status, headers, body = await fetch(f"{b.url}/v2/library/shared/manifests/1")
+    assert (status, body) == (200, image.raw)
+    assert upstream.count() == 0
+
+
+async def test_redis_going_away_never_fails_a_pull(
+    registry: Registry, proxy_factory: ProxyFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cached = seed_image(registry, "library/one", "1", platforms=("linux/amd64",), single=True)
+    cold = seed_image(registry, "library/two", "1", platforms=("linux/amd64",), single=True)
+    proxy = proxy_factory(registry.url, extra_args=["--redis", redis_server.url])
+    await pull(proxy, cached)
+    redis_server.stop()
+    await pull(proxy, cached)  # from disk
+    await pull(proxy, cold)  # from upstream, per replica
+    assert "redis unavailable" in proxy.logs()
+
+
+async def test_proxy_starts_without_redis(
+    registry: Registry, proxy_factory: ProxyFactory
+) -> None:
+    image = seed_image(registry, "library/three", "1", platforms=("linux/amd64",), single=True)
+    proxy = proxy_factory(registry.url, extra_args=["--redis", "redis://127.0.0.1:9/0"])
+    await pull(proxy, image)
+    status, _, _ = await fetch(f"{proxy.url}/readyz")
+    assert status == 200
