@@ -192,9 +192,9 @@ async def serve_manifest(
         manifest = await platforms.child_manifest(upstream, repository, reference, head=head)
     else:
         manifest = await platforms.by_tag(upstream, repository, reference, head=head)
-        if manifest.media_type in INDEX_TYPES and not accepts_index(
-            request.headers.get("Accept", "")
-        ):
+        # Clients send one Accept line per type (dockerd, containers/image): read them all.
+        accept = ",".join(request.headers.getall("Accept", []))
+        if manifest.media_type in INDEX_TYPES and not accepts_index(accept):
             manifest = await platforms.for_client(
                 upstream,
                 repository,

@@ -561,7 +561,9 @@ class Dockerd:
     def _start_dockerd(self) -> None:
         self._p("daemon.json").write_text("{}\n")
         self._p("cli").mkdir()
-        ns = f"regproxy-{self._p('').name}"
+        # containerd namespaces match ^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$; mkdtemp names may
+        # hold "_" anywhere (e.g. "dk-ab_" or "dk-_x"), so keep only the alphanumerics.
+        ns = "regproxy-" + "".join(c for c in self._p("").name if c.isalnum())
         argv = [
             self._dockerd_bin,
             f"--config-file={self._p('daemon.json')}",
