@@ -25,6 +25,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from proxy.auth import Authenticator, load_auth
 from proxy.blobs import BlobService
 from proxy.config import Config
 from proxy.errors import (
@@ -35,6 +36,7 @@ from proxy.errors import (
     Unsupported,
     error_middleware,
 )
+from proxy.links import Links
 from proxy.manifests import Manifest, ManifestService
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics, UsageStats
 from proxy.platforms import PlatformService, accepts_index, load_platforms
@@ -58,6 +60,8 @@ MANIFESTS = web.AppKey("manifests", ManifestService)
 PLATFORMS = web.AppKey("platforms", PlatformService)
 METRICS = web.AppKey("metrics", Metrics)
 USAGE = web.AppKey("usage", UsageStats)
+AUTH = web.AppKey("auth", Authenticator)
+LINKS = web.AppKey("links", Links)
 CACHE = web.AppKey("cache", CacheManager)
 
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -145,16 +149,21 @@ def split_path(path: str) -> tuple[str, str, str]:
     raise web.HTTPNotFound()
 
 
-def _route(request: web.Request, name: str) -> tuple[Upstream, str]:
+async def _route(request: web.Request, name: str) -> tuple[Upstream, str]:
+    """The upstream and repository a request is for, once the client may pull it."""
     if len(name) > 512:
         raise NameInvalid({"name": name[:300]})
     check_name(name)
     upstream_name, repository = request.app[ROUTER].route(name, request.query.get("ns"))
+    auth = request.app[AUTH]
+    if auth.enabled:
+        await auth.check(request.headers.get("Authorization"), upstream_name, repository)
     return request.app[UPSTREAMS][upstream_name], repository
 
 
 async def handle_base(request: web.Request) -> web.Response:
     request["route"] = "base"
+    await request.app[AUTH].check_login(request.headers.get("Authorization"))
     return web.json_response({}, headers=API_HEADERS)
 
 
@@ -168,27 +177,59 @@ async def handle_v2(request: web.Request) -> web.StreamResponse:
     if kind == "blobs":
         check_name(name)
         check_digest(ref)
-        upstream, repository = _route(request, name)
-        upstream, repository = await request.app[PLATFORMS].source_of(upstream, repository, ref)
-        return await request.app[BLOBS].serve(request, upstream, repository, ref)
+        upstream, repository = await _route(request, name)
+        return await serve_blob(request, upstream, repository, ref)
     if kind == "manifests":
         check_name(name)
         check_reference(ref)
-        upstream, repository = _route(request, name)
+        upstream, repository = await _route(request, name)
         if request.method == "GET" and not is_digest(ref):
             request["pull"] = f"{upstream.name}/{repository}"
         return await serve_manifest(request, upstream, repository, ref)
-    upstream, repository = _route(request, name)
+    upstream, repository = await _route(request, name)
     return await serve_tags(request, upstream, repository)
+
+
+async def serve_blob(
+    request: web.Request, upstream: Upstream, repository: str, digest: str
+) -> web.StreamResponse:
+    links, blobs = request.app[LINKS], request.app[BLOBS]
+    source, src_repo = await request.app[PLATFORMS].source_of(upstream, repository, digest)
+    fetched_here = False
+    if not await links.linked(upstream.name, repository, digest):
+        if await blobs.held_elsewhere(digest, source, src_repo):
+            await links.confirm(
+                source, src_repo, digest, "blobs", as_upstream=upstream.name, as_repo=repository
+            )
+        else:
+            fetched_here = True  # fetched from `repository` itself: that is the confirmation
+    resp = await blobs.serve(request, source, src_repo, digest)
+    if fetched_here and request.method == "GET" and request.get("cache") != "miss-aborted":
+        await links.link(upstream.name, repository, [digest])
+    return resp
 
 
 async def serve_manifest(
     request: web.Request, upstream: Upstream, repository: str, reference: str
 ) -> web.StreamResponse:
     head = request.method == "HEAD"
-    platforms = request.app[PLATFORMS]
+    platforms, links = request.app[PLATFORMS], request.app[LINKS]
     manifest: Manifest
     if is_digest(reference):
+        # Cached for another repository: only if upstream says this one holds it too.
+        if (
+            not await links.linked(upstream.name, repository, reference)
+            and await request.app[MANIFESTS].local(reference) is not None
+        ):
+            source, src_repo = await platforms.source_of(upstream, repository, reference)
+            await links.confirm(
+                source,
+                src_repo,
+                reference,
+                "manifests",
+                as_upstream=upstream.name,
+                as_repo=repository,
+            )
         manifest = await platforms.child_manifest(upstream, repository, reference, head=head)
     else:
         manifest = await platforms.by_tag(upstream, repository, reference, head=head)
@@ -203,6 +244,7 @@ async def serve_manifest(
                 user_agent=request.headers.get("User-Agent", ""),
                 head=head,
             )
+    await links.link_manifest(upstream.name, repository, manifest)
     headers = {
         "Docker-Content-Digest": manifest.digest,
         "Content-Type": manifest.media_type,
@@ -235,7 +277,7 @@ async def handle_inspect(request: web.Request) -> web.Response:
     """``GET /_regproxy/inspect?image=NAME[:TAG]``: the platforms served for a tag, with sources."""
     image = request.query.get("image", "")
     ref = parse_image(image)
-    upstream, repository = _route(request, ref.repository)
+    upstream, repository = await _route(request, ref.repository)
     manifest, entries = await request.app[PLATFORMS].describe(
         upstream, repository, ref.tag or "latest"
     )
@@ -285,6 +327,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[AUTH] = Authenticator(load_auth(config.auth))
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/v2/", handle_base, allow_head=True)
     app.router.add_get("/v2", handle_base, allow_head=True)
@@ -323,6 +366,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[BLOBS].coordinator = coordinator
         cache.coordinator = coordinator
     app[MANIFESTS] = ManifestService(storage, meta, offline=config.offline)
+    app[LINKS] = Links(meta, offline=config.offline)
     app[PLATFORMS] = PlatformService(
         load_platforms(config.platforms),
         manifests=app[MANIFESTS],

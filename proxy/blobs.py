@@ -118,6 +118,13 @@ class BlobService:
     async def close(self) -> None:
         await self.flights.cancel_all()
 
+    async def held_elsewhere(self, digest: str, upstream: Upstream, repository: str) -> bool:
+        """Cached, or being downloaded for another repository (see ``proxy.links``)."""
+        dl = self.downloads.get(digest)
+        if dl is not None and (dl.upstream.name, dl.repository) != (upstream.name, repository):
+            return True
+        return await self.store.stat_blob(digest) is not None
+
     def download(self, upstream: Upstream, repository: str, digest: str) -> Download:
         """The download in flight for ``digest``, or a new one."""
         current = self.downloads.get(digest)
@@ -234,6 +241,7 @@ class BlobService:
                     refresher.cancel()
                     await coordinator.release(dl.digest)
                 return
+            await self._confirm_before_following(dl, coordinator)
             if await self._follow_remote(dl, coordinator):
                 return
             if dl.started.done():
@@ -242,12 +250,29 @@ class BlobService:
                 )
         raise UpstreamUnreachable("could not coordinate the download", upstream=dl.upstream.name)
 
+    async def _confirm_before_following(self, dl: Download, coordinator: RedisCoordinator) -> None:
+        """Another replica fetches it, maybe for another repository: ours must hold it too."""
+        info = await coordinator.inflight(dl.digest)
+        if info is not None and (info.get("upstream"), info.get("repository")) == (
+            dl.upstream.name,
+            dl.repository,
+        ):
+            return
+        async with dl.upstream.request(
+            "HEAD",
+            f"/v2/{dl.repository}/blobs/{dl.digest}",
+            scope=f"repository:{dl.repository}:pull",
+        ):
+            pass  # 200; anything else raised UpstreamStatus
+
     async def _keep_lock(self, dl: Download, coordinator: RedisCoordinator) -> None:
         published = False
         while True:
             if not published and dl.writer is not None:
                 relative = str(dl.writer.path.relative_to(self.store.root))
-                await coordinator.publish(dl.digest, relative, dl.size)
+                await coordinator.publish(
+                    dl.digest, relative, dl.size, dl.upstream.name, dl.repository
+                )
                 published = True
             await asyncio.sleep(0.05 if not published else 5.0)
             if published:

@@ -381,6 +381,9 @@ def build_config(raw: Mapping[str, Any]) -> Config:
 
     load_platforms(kwargs["platforms"])
     kwargs["auth"] = _mapping(raw.get("auth"), "auth")
+    from proxy.auth import load_auth
+
+    load_auth(kwargs["auth"])
     return Config(**kwargs)
 
 

@@ -12,7 +12,8 @@ On-disk layout (the ``--storage`` directory)::
     │   ├── _tags/<tag>                         {"digest","media_type","size","checked_at"}
     │   ├── _tagslist/<key>                     the last tags/list answer for a query
     │   ├── _synth/<tag>                        the synthesized index's digest and entries
-    │   └── _sources/<digest>                   {"upstream","repository"} a child comes from
+    │   ├── _sources/<digest>                   {"upstream","repository"} a child comes from
+    │   └── _links/<digest>                     this repository is known to hold the digest
     ├── tmp/<instance>/                         downloads in progress of one running process,
     │   ├── .lock                               flock'ed while it lives; the directory of a dead
     │   └── <hex16>-<uuid>                      process is removed at the next start
@@ -26,7 +27,8 @@ With ``--redis`` (keys made by ``storage.redis.key`` only; every record is also 
     regproxy:access                                     ZSET digest -> last use (unix time)
     regproxy:lock:blob:<digest>                         the replica downloading it (30 s TTL,
                                                         refreshed while it runs)
-    regproxy:inflight:<digest>                          {"path","size","owner"}: its temp file,
+    regproxy:inflight:<digest>                          {"path","size","owner","upstream",
+                                                        "repository"}: its temp file,
                                                         which other replicas stream as it grows
 
 ``<upstream>`` is the configured upstream name (``docker.io``, ``ghcr.io``, ``corp``), so tags

@@ -149,8 +149,18 @@ class RedisCoordinator:
 
         await self.guard(call, None)
 
-    async def publish(self, digest: str, path: str, size: int | None) -> None:
-        value = json.dumps({"path": path, "size": size, "owner": self.instance})
+    async def publish(
+        self, digest: str, path: str, size: int | None, upstream: str, repository: str
+    ) -> None:
+        value = json.dumps(
+            {
+                "path": path,
+                "size": size,
+                "owner": self.instance,
+                "upstream": upstream,
+                "repository": repository,
+            }
+        )
         await self.guard(
             lambda: self.client.set(key("inflight", digest), value, px=LOCK_TTL_MS * 4), None
         )

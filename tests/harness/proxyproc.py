@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ class ProxyProcess:
         log_path: Path | None = None,
         base_command: Sequence[str] = (sys.executable, "-m", "proxy"),
         start_timeout: float = START_TIMEOUT,
+        scheme: str = "http",
     ) -> None:
         self.upstream_url = upstream_url
         self.storage = storage
@@ -52,12 +54,14 @@ class ProxyProcess:
         self.log_path = log_path or storage.parent / f"proxy-{self.port}.log"
         self.base_command = list(base_command)
         self.start_timeout = start_timeout
+        #: ``https`` when the proxy serves TLS (readiness then skips certificate checks).
+        self.scheme = scheme
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://127.0.0.1:PORT`` (``https`` with TLS)."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
@@ -90,7 +94,8 @@ class ProxyProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
-        """Spawn the proxy and wait (bounded) until ``GET /v2/`` answers 200."""
+        """Spawn the proxy and wait (bounded) until ``GET /v2/`` answers (200, or 401 when
+        client authentication is on)."""
         if self.running:
             return
         self.storage.mkdir(parents=True, exist_ok=True)
@@ -126,13 +131,16 @@ class ProxyProcess:
                     f"proxy exited with {code} during start-up; log tail:\n{self.logs()[-4000:]}",
                     pytrace=False,
                 )
+            context = ssl._create_unverified_context() if self.scheme == "https" else None
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=2) as resp:
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=context) as resp:
                     if resp.status == 200:
                         return
                     last = f"status {resp.status}"
             except urllib.error.HTTPError as exc:
                 exc.close()
+                if exc.code == 401:
+                    return
                 last = f"status {exc.code}"
             except OSError as exc:
                 last = repr(exc)
