@@ -256,10 +256,7 @@ async def test_tls(registry: Registry, proxy_factory: ProxyFactory, tmp_path: Pa
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.private_key_pem.write_to_path(str(key_file))
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    for extra in cert.cert_chain_pems[1:]:
-        with open(cert_file, "ab") as handle:
-            handle.write(extra.bytes())
+    cert_file.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
     proxy = proxy_factory(
         registry.url,
         extra_args=["--tls-cert", str(cert_file), "--tls-key", str(key_file)],
