@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-size", metavar="SIZE", help="bound the cache, e.g. 50GiB")
     serve.add_argument(
+        "--blob-ttl", metavar="DURATION", help="also evict what was unused this long, e.g. 30d"
+    )
+    serve.add_argument(
         "--offline", action="store_true", default=None, help="never contact upstream"
     )
     serve.add_argument(
@@ -137,6 +140,7 @@ FLAG_PATHS = {
     "upstream_username": "upstream_username",
     "upstream_password_file": "upstream_password_file",
     "max_size": "cache.max_size",
+    "blob_ttl": "cache.blob_ttl",
     "offline": "offline",
     "redis": "redis.url",
     "tls_cert": "tls_cert",
