@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.config import CacheConfig
+from storage.filesystem import content_path
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -117,8 +118,7 @@ def pinned_digests(root: Path, pins: tuple[str, ...]) -> set[str]:
 
 def _collect(root: Path, digest: str, into: set[str], depth: int = 0) -> None:
     into.add(digest)
-    algorithm, _, hexpart = digest.partition(":")
-    path = root / "manifests" / algorithm / hexpart[:2] / hexpart
+    path = content_path(root, "manifests", digest)
     try:
         doc = json.loads(path.read_bytes())
     except (OSError, ValueError):

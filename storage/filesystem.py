@@ -35,6 +35,12 @@ def _split(digest: str) -> tuple[str, str]:
     return algorithm, hexpart
 
 
+def content_path(root: Path, kind: str, digest: str) -> Path:
+    """Where ``digest`` lives under ``root``: ``<kind>/<alg>/<hh>/<hex>`` (blobs, manifests)."""
+    algorithm, hexpart = _split(digest)
+    return root / kind / algorithm / hexpart[:2] / hexpart
+
+
 class FilesystemBlobWriter:
     """Writes one blob to a temp file, hashing as it goes."""
 
@@ -207,12 +213,10 @@ class FilesystemStorage:
     # -- content ---------------------------------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
-        algorithm, hexpart = _split(digest)
-        return self.root / "blobs" / algorithm / hexpart[:2] / hexpart
+        return content_path(self.root, "blobs", digest)
 
     def _manifest_path(self, digest: str) -> Path:
-        algorithm, hexpart = _split(digest)
-        return self.root / "manifests" / algorithm / hexpart[:2] / hexpart
+        return content_path(self.root, "manifests", digest)
 
     async def stat_blob(self, digest: str) -> int | None:
         path = self.blob_path(digest)

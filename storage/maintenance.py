@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.eviction import _collect, scan
-from storage.filesystem import FilesystemStorage
+from storage.filesystem import FilesystemStorage, content_path
 
 #: Unreferenced blobs younger than this are left alone by gc (a pull may be between its
 #: manifest and its blobs, or a client may fetch a blob by digest alone).
@@ -124,16 +124,6 @@ class Freed:
         return {"files": self.files, "bytes": self.bytes, "details": dict(self.details)}
 
 
-def _manifest_path(root: Path, digest: str) -> Path:
-    algorithm, _, hexpart = digest.partition(":")
-    return root / "manifests" / algorithm / hexpart[:2] / hexpart
-
-
-def _blob_path(root: Path, digest: str) -> Path:
-    algorithm, _, hexpart = digest.partition(":")
-    return root / "blobs" / algorithm / hexpart[:2] / hexpart
-
-
 def purge(root: Path, upstream: str, repository: str, tag: str | None) -> dict[str, Any]:
     """Forget a tag (or every tag of a repository) and the content only it referenced."""
     records = list(tag_records(root))
@@ -155,12 +145,12 @@ def purge(root: Path, upstream: str, repository: str, tag: str | None) -> dict[s
             if kind == "tagslist" or tag is None or path.name == tag:
                 freed.add(kind, path)
     for digest in sorted(candidates - keep):
-        manifest = _manifest_path(root, digest)
+        manifest = content_path(root, "manifests", digest)
         if manifest.exists():
             freed.add("manifest", manifest)
             with contextlib.suppress(FileNotFoundError):
                 manifest.with_name(manifest.name + ".type").unlink()
-        freed.add("blob", _blob_path(root, digest))
+        freed.add("blob", content_path(root, "blobs", digest))
     return {"tags": len(doomed), **freed.as_dict()}
 
 
