@@ -146,6 +146,11 @@ class UpstreamConfig:
     tag_ttl: float = 300.0
     #: Connections to this upstream at most; defaults to 32.
     max_connections: int = 32
+    #: Seconds to wait for a connection; defaults to 10.
+    connect_timeout: float = 10.0
+    #: Seconds without a byte from upstream before a read fails; defaults to 60. (No total
+    #: timeout: blobs can be gigabytes.)
+    read_timeout: float = 60.0
     #: Whether ``alpine`` means ``library/alpine`` (Docker Hub's convention); defaults to true for
     #: the Docker Hub upstream only.
     library_prefix: bool = False
@@ -253,7 +258,17 @@ TOP_LEVEL_KEYS = frozenset(
     {s.path.split(".")[0] for s in SETTINGS} | {"upstreams", "platforms", "auth", "cache", "redis"}
 )
 UPSTREAM_KEYS = frozenset(
-    {"url", "username", "password", "password_file", "tag_ttl", "max_connections", "library_prefix"}
+    {
+        "url",
+        "username",
+        "password",
+        "password_file",
+        "tag_ttl",
+        "max_connections",
+        "library_prefix",
+        "connect_timeout",
+        "read_timeout",
+    }
 )
 CACHE_KEYS = frozenset({"max_size", "high_watermark", "low_watermark", "pin", "blob_ttl"})
 
@@ -467,6 +482,12 @@ def _build_upstream(name: str, section: object, tag_ttl: float) -> UpstreamConfi
     }
     if "library_prefix" in section:
         kwargs["library_prefix"] = _field(section, "library_prefix", parse_bool, prefix)
+    for timeout in ("connect_timeout", "read_timeout"):
+        if timeout in section:
+            value = _field(section, timeout, parse_duration, prefix)
+            if value <= 0:
+                raise ConfigError(prefix + timeout, "must be positive")
+            kwargs[timeout] = value
     if "max_connections" in section:
         value = _field(section, "max_connections", int, prefix)
         if value < 1:

@@ -114,8 +114,6 @@ class Upstream:
         self,
         config: UpstreamConfig,
         *,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
         retries: int = 3,
         retry_backoff: float = 0.2,
     ) -> None:
@@ -123,7 +121,10 @@ class Upstream:
         self.name = config.name
         self.base = URL(config.url)
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=connect_timeout, sock_read=read_timeout
+            total=None,
+            connect=None,
+            sock_connect=config.connect_timeout,
+            sock_read=config.read_timeout,
         )
         self._retries = retries
         self._retry_backoff = retry_backoff
