@@ -76,10 +76,6 @@ class AccessLogger(AbstractAccessLogger):
         cache = response.headers.get("X-Cache", "-")
         if request.get("cache") == "miss-aborted":
             cache = "ABORTED"
-        if isinstance(request, web.Request) and METRICS in request.app:
-            observe(request.app[METRICS], request, response, time, cache)
-            if USAGE in request.app:
-                count_usage(request.app[USAGE], request, response, cache)
         self.logger.info(
             "request method=%s path=%s status=%d bytes=%d duration=%.3f cache=%s",
             request.method,
@@ -89,6 +85,23 @@ class AccessLogger(AbstractAccessLogger):
             time,
             cache,
         )
+        app = _app_of(request)
+        if app is not None and METRICS in app:
+            assert isinstance(request, web.Request)
+            observe(app[METRICS], request, response, time, cache)
+            if USAGE in app:
+                count_usage(app[USAGE], request, response, cache)
+
+
+def _app_of(request: BaseRequest) -> web.Application | None:
+    """The app that handled ``request``; None when it never got that far (a TLS probe on the
+    plain port, an unparsable request line), where aiohttp's ``request.app`` asserts."""
+    if not isinstance(request, web.Request):
+        return None
+    try:
+        return request.app
+    except (AssertionError, AttributeError):
+        return None
 
 
 def observe(
