@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
     serve.set_defaults(handler=cmd_serve)
 
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 when the regproxy of this host answers GET /healthz"
+    )
+    health.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    health.add_argument(
+        "--url",
+        metavar="URL",
+        help="default: from --listen of process 1 (in a container), "
+        "else the configuration's listen address",
+    )
+    health.set_defaults(handler=cmd_healthcheck)
+
     cache = commands.add_parser("cache", help="look at or prune a cache directory")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
     stats = cache_commands.add_parser("stats", help="size, hit ratio, top repositories")
@@ -188,6 +200,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=5.0,
     )
     return 0
+
+
+def _listen_of_pid1() -> str | None:
+    """``--listen`` of the container's main process, if it is a regproxy with one."""
+    try:
+        with open("/proc/1/cmdline", "rb") as handle:
+            argv = handle.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--listen" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--listen="):
+            return arg.partition("=")[2]
+    return None
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    url = args.url
+    if not url:
+        config = load_config(config_file=args.config, flags={"listen": _listen_of_pid1()})
+        host, port = config.listen_address
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        host = f"[{host}]" if ":" in host else host
+        scheme = "https" if config.tls_cert else "http"
+        url = f"{scheme}://{host}:{port}/healthz"
+    context = ssl._create_unverified_context()  # a probe of our own port: the name may differ
+    try:
+        with urllib.request.urlopen(url, timeout=4, context=context) as resp:
+            return 0 if resp.status == 200 else 1
+    except OSError as exc:
+        print(f"regproxy: {url}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _storage_config(args: argparse.Namespace) -> Config:

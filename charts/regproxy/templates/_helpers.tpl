@@ -1,0 +1,166 @@
+{{/* Names and labels. */}}
+{{- define "regproxy.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "regproxy.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "regproxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "regproxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "regproxy.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "regproxy.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "regproxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "regproxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "regproxy.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Fixed paths inside the container. */}}
+{{- define "regproxy.cacheDir" -}}/var/lib/regproxy{{- end }}
+{{- define "regproxy.configDir" -}}/etc/regproxy/config{{- end }}
+{{- define "regproxy.secretsDir" -}}/etc/regproxy/secrets{{- end }}
+
+{{/*
+Combinations the chart refuses, with a message saying what to change. Included by every
+workload template, so `helm template` and `helm install` fail before anything is applied.
+*/}}
+{{- define "regproxy.validate" -}}
+{{- $v := .Values }}
+{{- if gt (int $v.replicaCount) 1 }}
+{{- if not (or $v.redis.url $v.redis.existingSecret) }}
+{{- fail (printf "replicaCount is %d: more than one replica needs redis.url (or redis.existingSecret), through which the replicas share single flight and cache metadata" (int $v.replicaCount)) }}
+{{- end }}
+{{- if not $v.persistence.enabled }}
+{{- fail (printf "replicaCount is %d: more than one replica needs persistence.enabled=true with a ReadWriteMany volume that all replicas share; each emptyDir would be a separate cache" (int $v.replicaCount)) }}
+{{- end }}
+{{- if not (has "ReadWriteMany" $v.persistence.accessModes) }}
+{{- fail (printf "replicaCount is %d: more than one replica needs persistence.accessModes to include ReadWriteMany (got %s): every replica mounts the same cache volume" (int $v.replicaCount) (toJson $v.persistence.accessModes)) }}
+{{- end }}
+{{- end }}
+{{- if not $v.upstreams }}
+{{- fail "upstreams is empty: configure at least one registry to pull from" }}
+{{- end }}
+{{- if not (hasKey $v.upstreams $v.defaultUpstream) }}
+{{- fail (printf "defaultUpstream %q is not one of upstreams (%s)" $v.defaultUpstream (keys $v.upstreams | sortAlpha | join ", ")) }}
+{{- end }}
+{{- range $name, $u := $v.upstreams }}
+{{- if and $u (not $u.url) }}
+{{- fail (printf "upstreams.%s.url is required" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity ("50Gi", "500M", "1.5Ti", "1073741824") in bytes, as a float64.
+*/}}
+{{- define "regproxy.bytes" -}}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $scale := dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 }}
+{{- if or (not $num) (not (hasKey $scale $unit)) }}
+{{- fail (printf "persistence.size %q is not a Kubernetes quantity such as 50Gi" $q) }}
+{{- end }}
+{{- mulf (float64 $num) (get $scale $unit) }}
+{{- end }}
+
+{{/*
+cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence.size, in MiB.
+*/}}
+{{- define "regproxy.maxSize" -}}
+{{- if .Values.cache.maxSize }}
+{{- .Values.cache.maxSize }}
+{{- else }}
+{{- $bytes := include "regproxy.bytes" .Values.persistence.size | float64 }}
+{{- printf "%.0fMiB" (floor (divf (mulf $bytes .Values.cache.volumeFraction) 1048576.0)) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret file of an upstream's password, as mounted by the Deployment. */}}
+{{- define "regproxy.passwordFile" -}}
+{{- printf "%s/%s/password" (include "regproxy.secretsDir" .root) .name }}
+{{- end }}
+
+{{/* config.yml: the regproxy configuration rendered from values. */}}
+{{- define "regproxy.config" -}}
+{{- $v := .Values }}
+{{- $ups := dict }}
+{{- range $name, $u := $v.upstreams }}
+{{- if $u }}
+{{- $e := dict "url" $u.url }}
+{{- with $u.username }}{{ $_ := set $e "username" . }}{{ end }}
+{{- if $u.existingSecret }}
+{{- $_ := set $e "password_file" (include "regproxy.passwordFile" (dict "root" $ "name" $name)) }}
+{{- end }}
+{{- with $u.tagTTL }}{{ $_ := set $e "tag_ttl" . }}{{ end }}
+{{- with $u.maxConnections }}{{ $_ := set $e "max_connections" . }}{{ end }}
+{{- if hasKey $u "libraryPrefix" }}{{ $_ := set $e "library_prefix" $u.libraryPrefix }}{{ end }}
+{{- $_ := set $ups $name $e }}
+{{- end }}
+{{- end }}
+{{- $cache := dict "max_size" (include "regproxy.maxSize" .) "high_watermark" $v.cache.highWatermark "low_watermark" $v.cache.lowWatermark }}
+{{- with $v.cache.pin }}{{ $_ := set $cache "pin" . }}{{ end }}
+{{- with $v.cache.blobTTL }}{{ $_ := set $cache "blob_ttl" . }}{{ end }}
+{{- $cfg := dict
+  "listen" (printf "0.0.0.0:%d" (int $v.containerPort))
+  "storage" (include "regproxy.cacheDir" .)
+  "tag_ttl" $v.tagTTL
+  "log_level" $v.logLevel
+  "offline" $v.offline
+  "upstreams" $ups
+  "default_upstream" $v.defaultUpstream
+  "cache" $cache }}
+{{- if and $v.redis.url (not $v.redis.existingSecret) }}
+{{- $_ := set $cfg "redis" (dict "url" $v.redis.url) }}
+{{- end }}
+{{- with $v.platforms }}{{ $_ := set $cfg "platforms" . }}{{ end }}
+{{- toYaml (mergeOverwrite $cfg (deepCopy $v.extraConfig)) }}
+{{- end }}
+
+{{/*
+The address clients use, for NOTES.txt: the Ingress host, a fixed ClusterIP, or the in-cluster
+DNS name.
+*/}}
+{{- define "regproxy.address" -}}
+{{- if .Values.ingress.enabled }}
+{{- (index .Values.ingress.hosts 0).host }}
+{{- else if .Values.service.clusterIP }}
+{{- printf "%s:%d" .Values.service.clusterIP (int .Values.service.port) }}
+{{- else }}
+{{- printf "%s.%s.svc.cluster.local:%d" (include "regproxy.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+{{- end }}
+
+{{- define "regproxy.scheme" -}}
+{{- if and .Values.ingress.enabled .Values.ingress.tls }}https{{ else }}http{{ end }}
+{{- end }}
