@@ -24,10 +24,15 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from cachetools import LRUCache
+
 from proxy.errors import StorageError, UpstreamContentError
 from storage.base import TagEntry
 
 log = logging.getLogger(__name__)
+
+#: Bytes of manifests kept in memory.
+MANIFEST_MEMORY = 64 * 1024 * 1024
 
 
 def _split(digest: str) -> tuple[str, str]:
@@ -126,6 +131,11 @@ class FilesystemStorage:
         self.on_commit: Callable[[int], None] | None = None
         #: Called with (path, digest) when a stored manifest is read (LRU recency).
         self.on_access: Callable[[Path, str], None] | None = None
+        # In memory: manifests (immutable, verified) and tag answers, read on every pull.
+        self._manifests: LRUCache[str, tuple[bytes, str]] = LRUCache(
+            maxsize=MANIFEST_MEMORY, getsizeof=lambda item: len(item[0]) + 256
+        )
+        self._tags: LRUCache[tuple[str, str, str], TagEntry] = LRUCache(maxsize=100_000)
 
     def error(self, message: str, path: Path, exc: OSError) -> StorageError:
         err = StorageError(
@@ -244,16 +254,24 @@ class FilesystemStorage:
 
     async def get_manifest(self, digest: str) -> tuple[bytes, str] | None:
         path = self._manifest_path(digest)
-        try:
-            data = path.read_bytes()
-            media_type = path.with_name(path.name + ".type").read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise self.error("cannot read manifest", path, exc) from exc
+        found = self._manifests.get(digest)
+        if found is None:
+            try:
+                data = path.read_bytes()
+                media_type = path.with_name(path.name + ".type").read_text()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise self.error("cannot read manifest", path, exc) from exc
+            algorithm, hexpart = _split(digest)
+            if hashlib.new(algorithm, data).hexdigest() != hexpart:
+                log.error("stored manifest does not match its digest path=%s", path)
+                return None  # never served; `regproxy verify` quarantines it
+            found = (data, media_type)
+            self._manifests[digest] = found
         if self.on_access is not None:
             self.on_access(path, digest)
-        return data, media_type
+        return found
 
     async def put_manifest(self, digest: str, data: bytes, media_type: str) -> None:
         algorithm, hexpart = _split(digest)
@@ -263,10 +281,12 @@ class FilesystemStorage:
         # The type file first: the manifest file's presence is what says "stored".
         self._write_atomic(path.with_name(path.name + ".type"), media_type.encode())
         self._write_atomic(path, data)
+        self._manifests[digest] = (data, media_type)
         if self.on_commit is not None:
             self.on_commit(len(data))
 
     async def delete_manifest(self, digest: str) -> bool:
+        self._manifests.pop(digest, None)
         path = self._manifest_path(digest)
         found = self._unlink(path)
         self._unlink(path.with_name(path.name + ".type"))
@@ -286,11 +306,12 @@ class FilesystemStorage:
     # -- metadata --------------------------------------------------------------------------------
 
     def _record_path(self, upstream: str, repository: str, kind: str, key: str) -> Path:
-        path = self.root / "repositories" / upstream / repository / f"_{kind}" / key
-        # Names, tags and upstream names are validated upstream of here; this is the last guard.
-        if not path.resolve().is_relative_to(self.root.resolve()):
-            raise StorageError("path escapes the storage directory", path=str(path))
-        return path
+        # Names, tags and upstream names are validated before they get here; this is the last
+        # guard, without a realpath per request (the benchmark found 13 % of a tag hit there).
+        parts = (upstream, *repository.split("/"), kind, key)
+        if any(p in ("", ".", "..") or "/" in p or "\0" in p for p in parts) or "/" in key:
+            raise StorageError("path escapes the storage directory", path=repr(parts))
+        return self.root / "repositories" / upstream / repository / f"_{kind}" / key
 
     async def get_record(self, upstream: str, repository: str, kind: str, key: str) -> bytes | None:
         path = self._record_path(upstream, repository, kind, key)
@@ -310,11 +331,16 @@ class FilesystemStorage:
         self._unlink(self._record_path(upstream, repository, kind, key))
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
+        cached = self._tags.get((upstream, repository, tag))
+        if cached is not None:
+            return cached
         raw = await self.get_record(upstream, repository, "tags", tag)
         if raw is None:
             return None
         try:
-            return TagEntry(**json.loads(raw))
+            entry = TagEntry(**json.loads(raw))
+            self._tags[(upstream, repository, tag)] = entry
+            return entry
         except (ValueError, TypeError):
             log.warning(
                 "ignoring a corrupt tag record upstream=%s repository=%s tag=%s",
@@ -325,6 +351,7 @@ class FilesystemStorage:
             return None
 
     async def set_tag(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
+        self._tags[(upstream, repository, tag)] = entry
         record = {
             "digest": entry.digest,
             "media_type": entry.media_type,
@@ -334,4 +361,5 @@ class FilesystemStorage:
         await self.set_record(upstream, repository, "tags", tag, json.dumps(record).encode())
 
     async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+        self._tags.pop((upstream, repository, tag), None)
         await self.delete_record(upstream, repository, "tags", tag)
