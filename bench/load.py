@@ -1,0 +1,256 @@
+"""Load generators and clients: wrk (throughput, requests/s), skopeo (pulls), curl (one stream).
+
+Every run is bounded: wrk by ``-d`` (and a subprocess timeout), skopeo and curl by timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import LIVE, cpu_seconds, run, status_kib
+
+WRK_SCRIPT = """\
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\\nBENCH {"bytes": %d, "requests": %d, "duration_us": %d, "connect": %d, "read": %d, '
+    .. '"write": %d, "status": %d, "timeout": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.bytes, summary.requests, summary.duration, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass
+class WrkResult:
+    bytes: int
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+def wrk(
+    url: str,
+    *,
+    seconds: float,
+    connections: int,
+    threads: int,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> WrkResult:
+    """``wrk -c connections -d seconds`` against ``url``; non-2xx answers count as errors."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT)
+        script = f.name
+    try:
+        argv = [
+            binary,
+            "-t",
+            str(min(threads, connections)),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            f"{int(timeout)}s",
+            "-s",
+            script,
+        ]
+        for key, value in (headers or {}).items():
+            argv += ["-H", f"{key}: {value}"]
+        out = run([*argv, url], timeout=seconds + timeout + 30).stdout
+    finally:
+        Path(script).unlink(missing_ok=True)
+    line = next((ln for ln in out.splitlines() if ln.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out[-2000:]}")
+    s = json.loads(line[6:])
+    errors = s["connect"] + s["read"] + s["write"] + s["status"] + s["timeout"]
+    if s["requests"] == 0:
+        raise RuntimeError(f"wrk completed no request against {url}:\n{out[-2000:]}")
+    if errors > max(2, s["requests"] // 100):
+        raise RuntimeError(f"wrk saw {errors} errors in {s['requests']} requests: {s}")
+    return WrkResult(
+        s["bytes"],
+        s["requests"],
+        s["duration_us"] / 1e6,
+        errors,
+        s["p50_us"] / 1e3,
+        s["p99_us"] / 1e3,
+    )
+
+
+def bigload(url: str, *, seconds: float, connections: int, timeout: float = 60.0) -> WrkResult:
+    """``python -m bench.bigload``: like :func:`wrk`, for large bodies (see bench/bigload.py)."""
+    script = Path(__file__).with_name("bigload.py")
+    out = run(
+        [
+            sys.executable,
+            str(script),
+            url,
+            "-c",
+            str(connections),
+            "-d",
+            str(seconds),
+            "--timeout",
+            str(timeout),
+        ],
+        timeout=seconds + timeout + 30,
+    ).stdout
+    s = json.loads(out.strip().splitlines()[-1])
+    if s["requests"] == 0:
+        raise RuntimeError(f"bigload completed no request against {url}: {s}")
+    if s["errors"] > max(2, s["requests"] // 100):
+        raise RuntimeError(f"bigload saw {s['errors']} errors in {s['requests']} requests")
+    return WrkResult(s["bytes"], s["requests"], s["seconds"], s["errors"], 0.0, 0.0)
+
+
+def skopeo_argv(host: str, reference: str, dest: Path) -> list[str]:
+    return [
+        shutil.which("skopeo") or "skopeo",
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        f"docker://{host}/{reference}",
+        f"dir:{dest}",
+    ]
+
+
+def pull(host: str, reference: str, scratch: Path, timeout: float) -> float:
+    """Wall seconds of one ``skopeo copy docker://host/ref dir:…`` (the copy is then deleted)."""
+    dest = Path(tempfile.mkdtemp(prefix="pull-", dir=scratch))
+    try:
+        t0 = time.perf_counter()
+        run(skopeo_argv(host, reference, dest), timeout=timeout)
+        return time.perf_counter() - t0
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def pull_many(
+    host: str, reference: str, scratch: Path, count: int, timeout: float
+) -> tuple[float, list[str]]:
+    """``count`` concurrent skopeo pulls: wall seconds until all finished, and the failures.
+
+    A failed pull is reported, not raised: a cache that fails some of many concurrent pulls is a
+    result worth a number (the wall time of the rest) and a note.
+    """
+    dests = [Path(tempfile.mkdtemp(prefix="pull-", dir=scratch)) for _ in range(count)]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        t0 = time.perf_counter()
+        for dest in dests:
+            proc = subprocess.Popen(
+                skopeo_argv(host, reference, dest),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+            )
+            LIVE.append(proc)
+            procs.append(proc)
+        deadline = t0 + timeout
+        failures = []
+        for proc in procs:
+            try:
+                _, err = proc.communicate(timeout=max(0.1, deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{count} concurrent pulls took more than {timeout}s") from None
+            if proc.returncode != 0:
+                failures.append(err.decode(errors="replace").strip()[-300:])
+        wall = time.perf_counter() - t0
+        if len(failures) == count:
+            raise RuntimeError(f"all {count} pulls failed: {failures[0]}")
+        return wall, failures
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc in LIVE:
+                LIVE.remove(proc)
+        for dest in dests:
+            shutil.rmtree(dest, ignore_errors=True)
+
+
+@dataclass
+class StreamResult:
+    seconds: float
+    bytes: int
+    peak_rss_mb: float
+    cpu_s: float
+
+    @property
+    def cpu_s_per_gb(self) -> float:
+        return self.cpu_s / (self.bytes / 1e9)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
+    """GET ``url`` with curl into /dev/null; the server's peak RSS and CPU seconds meanwhile.
+
+    Call it on a fresh server process: ``VmHWM`` is the peak over the process's life.
+    """
+    cpu0 = cpu_seconds(pid)
+    t0 = time.perf_counter()
+    out = run(
+        [
+            shutil.which("curl") or "curl",
+            "-sS",
+            "--fail",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            "--max-time",
+            str(int(timeout)),
+            url,
+        ],
+        timeout=timeout + 10,
+    ).stdout
+    seconds = time.perf_counter() - t0
+    got = int(out.strip() or 0)
+    if got != expected:
+        raise RuntimeError(f"streamed {got} bytes of {expected} from {url}")
+    time.sleep(0.3)  # let the server finish what follows the last byte (commit, logging)
+    cpu = cpu_seconds(pid) - cpu0
+    return StreamResult(seconds, got, status_kib(pid, "VmHWM") / 1024, cpu)
+
+
+def get(url: str, headers: dict[str, str] | None = None, timeout: float = 300.0) -> int:
+    """One GET, body discarded; returns its length (raises unless 200)."""
+    import urllib.request
+
+    req = urllib.request.Request(url, headers=headers or {})
+    n = 0
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"GET {url} answered {resp.status}")
+        while True:
+            chunk = resp.read(1 << 20)
+            if not chunk:
+                break
+            n += len(chunk)
+    return n
