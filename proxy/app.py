@@ -79,7 +79,7 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info(
             "request method=%s path=%s status=%d bytes=%d duration=%.3f cache=%s",
             request.method,
-            request.path,
+            request.raw_path,  # as received (percent-encoded): no forged lines through %0a
             response.status,
             response.body_length,
             time,
@@ -176,6 +176,8 @@ async def _route(request: web.Request, name: str) -> tuple[Upstream, str]:
 
 async def handle_base(request: web.Request) -> web.Response:
     request["route"] = "base"
+    if request.method not in READ_METHODS:
+        raise Unsupported({"method": request.method})
     await request.app[AUTH].check_login(request.headers.get("Authorization"))
     return web.json_response({}, headers=API_HEADERS)
 
@@ -342,8 +344,8 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(load_auth(config.auth))
     app.cleanup_ctx.append(_resources)
-    app.router.add_get("/v2/", handle_base, allow_head=True)
-    app.router.add_get("/v2", handle_base, allow_head=True)
+    app.router.add_route("*", "/v2/", handle_base)
+    app.router.add_route("*", "/v2", handle_base)
     app.router.add_route("*", "/v2/{path:.+}", handle_v2)
     app.router.add_get("/healthz", handle_healthz, allow_head=True)
     app.router.add_get("/readyz", handle_readyz, allow_head=True)

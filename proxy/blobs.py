@@ -34,6 +34,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from proxy.errors import (
     BlobUnknown,
+    RangeInvalid,
     StorageError,
     UpstreamContentError,
     UpstreamError,
@@ -41,7 +42,6 @@ from proxy.errors import (
     to_registry_error,
 )
 from proxy.sendfile import can_sendfile, sendfile_to_transport
-from proxy.singleflight import SingleFlight
 from proxy.upstream import Upstream
 from storage.base import BlobWriter, ContentStore
 
@@ -113,11 +113,14 @@ class BlobService:
         self.cache = cache
         #: Cross-replica single flight (Redis); None: this process only.
         self.coordinator: RedisCoordinator | None = None
-        self.flights: SingleFlight[str, None] = SingleFlight()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.downloads: dict[str, Download] = {}
 
     async def close(self) -> None:
-        await self.flights.cancel_all()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def held_elsewhere(self, digest: str, upstream: Upstream, repository: str) -> bool:
         """Cached, or being downloaded for another repository (see ``proxy.links``)."""
@@ -131,9 +134,13 @@ class BlobService:
         current = self.downloads.get(digest)
         if current is not None and not current.done:
             return current
+        # `downloads` is the coalescing map: one running Download per digest. A failed one is
+        # `done` at once, so the next request starts afresh even while the old task unwinds.
         dl = Download(digest=digest, upstream=upstream, repository=repository)
         self.downloads[digest] = dl
-        self.flights.start(digest, lambda: self._run(dl))
+        task = asyncio.ensure_future(self._run(dl))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return dl
 
     async def _run(self, dl: Download) -> None:
@@ -341,8 +348,21 @@ class BlobService:
     ) -> web.StreamResponse:
         head = request.method == "HEAD"
         size = await self.store.stat_blob(digest)
+        try:
+            wanted = request.http_range
+        except ValueError:
+            if size is None:  # not cached: a malformed Range is ignored (RFC 9110 allows it)
+                wanted = slice(None, None)
+            else:
+                raise RangeInvalid(
+                    {"range": request.headers.get("Range", "")[:100]},
+                    headers={"Content-Range": f"bytes */{size}"},
+                ) from None
+        ranged = wanted.start is not None or wanted.stop is not None
         if size is not None:
-            return self._serve_local(request, digest, size)
+            local = self._serve_local(request, digest, size)
+            if local is not None:
+                return local
         if self.offline:
             raise BlobUnknown({"digest": digest}, message="blob not cached (offline mode)")
         if head:
@@ -355,10 +375,13 @@ class BlobService:
         except StorageError:
             # The cache cannot take it (disk full, read-only): the client still gets the blob.
             return await relay_uncached(request, None, upstream, repository, digest, None, 0)
-        if request.http_range.start is not None or request.http_range.stop is not None:
+        if ranged:
             # A range of a blob still downloading: wait for the verified whole, then serve it.
             await self._wait_done(dl)
-            return self._serve_local(request, digest, dl.written)
+            local = self._serve_local(request, digest, dl.written)
+            if local is None:
+                raise BlobUnknown({"digest": digest}, message="blob evicted while downloading")
+            return local
         return await stream_download(request, dl, digest)
 
     async def read(
@@ -414,8 +437,25 @@ class BlobService:
                 raise to_registry_error(dl.error, not_found=BlobUnknown)
             raise dl.error
 
-    def _serve_local(self, request: web.Request, digest: str, size: int) -> web.StreamResponse:
+    def _serve_local(
+        self, request: web.Request, digest: str, size: int
+    ) -> web.StreamResponse | None:
+        """The cached blob (None if it vanished since its stat: evicted, fetch it again)."""
         path = self.store.blob_path(digest)
+        start = request.http_range.start
+        if start is not None and start >= size:
+            raise RangeInvalid({"size": size}, headers={"Content-Range": f"bytes */{size}"})
+        try:
+            # Opened here, not only by the file response, so that an unreadable file is a
+            # logged storage error (503) rather than aiohttp's silent 403 or 404.
+            os.close(os.open(path, os.O_RDONLY))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if self.metrics is not None:
+                self.metrics.storage_errors.labels("read").inc()
+            log.error("cannot read cached blob path=%s error=%s", path, exc.strerror)
+            raise StorageError("cannot read cached blob", path=str(path)) from exc
         if self.cache is not None:
             self.cache.touch(path, digest)
         resp = _BlobFileResponse(
@@ -607,6 +647,11 @@ async def stream_download(request: web.Request, dl: Download, digest: str) -> we
                 break
             await dl.wait_change()
         await resp.write_eof()
+        return resp
+    except ConnectionResetError:
+        # The client left; the download goes on for the others and the cache.
+        log.info("client left during a download digest=%s sent=%d", digest, offset)
+        request["cache"] = "client-gone"
         return resp
     except _Aborted as exc:
         if isinstance(exc.cause, StorageError):

@@ -165,12 +165,28 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(config_file=args.config, flags=flags)
 
 
+class _RefusedRequests(logging.Filter):
+    """aiohttp logs every request its parser refuses at ERROR with a traceback: anyone who can
+    reach the port could flood the log. Keep one short warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "refused a malformed request: %s", (exc.message,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("aiohttp.server").addFilter(_RefusedRequests())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -240,8 +240,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         return Unknown(message=exc.reason).response()
     except StorageError as exc:
-        log.error("storage error: %s", exc)
+        log.warning("request failed on storage path=%s error=%s", request.path, exc)
         return Unavailable(message="local storage error").response()
+    except ConnectionResetError:
+        raise  # the client went away: nothing to answer, nothing to log as an error
     except UpstreamError as exc:
         return to_registry_error(exc, not_found=NotFound).response()
     except Exception:

@@ -17,6 +17,7 @@ Links are records in the metadata store (``_links/<digest>``), shared by replica
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable
@@ -24,7 +25,13 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from proxy.errors import BlobUnknown, ManifestUnknown, UpstreamError, UpstreamStatus
+from proxy.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    StorageError,
+    UpstreamError,
+    UpstreamStatus,
+)
 from proxy.manifests import Manifest
 from proxy.singleflight import SingleFlight
 from proxy.upstream import ACCEPT_MANIFESTS, Upstream
@@ -64,7 +71,9 @@ class Links:
             key = (upstream, repository, digest)
             if key in self._known:
                 continue
-            await self.meta.set_record(upstream, repository, "links", digest, b"1")
+            # Known in this process even if the disk cannot keep it (logged and counted there).
+            with contextlib.suppress(StorageError):
+                await self.meta.set_record(upstream, repository, "links", digest, b"1")
             self._known[key] = True
 
     async def link_manifest(self, upstream: str, repository: str, manifest: Manifest) -> None:

@@ -13,15 +13,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from proxy.errors import (
     ManifestUnknown,
     NameUnknown,
+    RegistryError,
+    StorageError,
     UpstreamContentError,
     UpstreamError,
     UpstreamStatus,
@@ -170,8 +174,15 @@ class ManifestService:
                 raise UpstreamContentError(
                     "manifest does not match Docker-Content-Digest", upstream=upstream.name
                 )
-        await self.store.put_manifest(digest, data, media_type)
+        await self._keep(self.store.put_manifest(digest, data, media_type))
         return Manifest(digest, media_type, len(data), data, "MISS")
+
+    @staticmethod
+    async def _keep(write: Awaitable[None]) -> None:
+        """Store what was verified; a failing disk is logged and counted, never fails the pull
+        that upstream just answered."""
+        with contextlib.suppress(StorageError):
+            await write
 
     # -- by tag ----------------------------------------------------------------------------------
 
@@ -211,8 +222,16 @@ class ManifestService:
             return answer
         try:
             return await self.by_digest(upstream, repository, fresh.digest, head=head)
-        except ManifestUnknown:
-            raise ManifestUnknown({"tag": tag}) from None
+        except RegistryError as exc:
+            # The new answer's manifest could not be fetched or verified: do not keep
+            # pointing the tag at it (a later HEAD would answer an unverified digest).
+            if entry is not None and entry.digest != fresh.digest:
+                await self._keep(self.meta.set_tag(upstream.name, repository, tag, entry))
+            elif entry is None:
+                await self._keep(self.meta.delete_tag(upstream.name, repository, tag))
+            if isinstance(exc, ManifestUnknown):
+                raise ManifestUnknown({"tag": tag}) from None
+            raise
 
     async def _answer(
         self, upstream: Upstream, repository: str, entry: TagEntry, *, head: bool, cache: str
@@ -228,10 +247,10 @@ class ManifestService:
             answer = await self._head(upstream, repository, tag)
         except UpstreamStatus as exc:
             if exc.status == 404:
-                await self.meta.delete_tag(upstream.name, repository, tag)
+                await self._keep(self.meta.delete_tag(upstream.name, repository, tag))
             raise
         entry = TagEntry(answer.digest, answer.media_type, answer.size, time.time())
-        await self.meta.set_tag(upstream.name, repository, tag, entry)
+        await self._keep(self.meta.set_tag(upstream.name, repository, tag, entry))
         return entry
 
     # -- tags/list -------------------------------------------------------------------------------
@@ -253,7 +272,9 @@ class ManifestService:
                     link = resp.headers.get("Link")
                 json.loads(body)
                 record = json.dumps({"body": body.decode(), "link": link}).encode()
-                await self.meta.set_record(upstream.name, repository, "tagslist", key, record)
+                await self._keep(
+                    self.meta.set_record(upstream.name, repository, "tagslist", key, record)
+                )
                 return body, ({"Link": link} if link else {}), "MISS"
             except (UpstreamError, ValueError, UnicodeDecodeError) as exc:
                 cached = await self.meta.get_record(upstream.name, repository, "tagslist", key)

@@ -65,19 +65,29 @@ class EvictionReport:
     pinned: int = 0
 
 
+def _entries(path: str) -> list[os.DirEntry[str]]:
+    """A directory's entries; an unreadable directory is logged and skipped, not fatal."""
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.error("cannot read cache directory path=%s error=%s", path, exc.strerror)
+        return []
+
+
 def scan(root: Path) -> list[_File]:
     """Every committed blob and manifest under ``root`` with its size and mtime."""
     files = []
     for kind, top in (("blob", root / "blobs"), ("manifest", root / "manifests")):
-        if not top.is_dir():
-            continue
-        for algorithm in os.scandir(top):
+        for algorithm in _entries(str(top)):
             if not algorithm.is_dir():
                 continue
-            for prefix in os.scandir(algorithm.path):
+            for prefix in _entries(algorithm.path):
                 if not prefix.is_dir():
                     continue
-                for entry in os.scandir(prefix.path):
+                for entry in _entries(prefix.path):
                     if entry.name.endswith(".type") or not entry.is_file():
                         continue
                     with contextlib.suppress(FileNotFoundError):
@@ -162,6 +172,8 @@ class CacheManager:
             metrics.storage_limit.set(self.limit or 0)
         storage.on_commit = self.added
         storage.on_access = self.touch
+        if metrics is not None:
+            storage.on_error = lambda op: metrics.storage_errors.labels(op).inc()
 
     @property
     def full(self) -> bool:

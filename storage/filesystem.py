@@ -129,6 +129,8 @@ class FilesystemStorage:
         self._lock_fd: int | None = None
         #: Called with the size of every committed blob or manifest (size accounting).
         self.on_commit: Callable[[int], None] | None = None
+        #: Called with the operation ("write", "read", ...) of every storage error (metrics).
+        self.on_error: Callable[[str], None] | None = None
         #: Called with (path, digest) when a stored manifest is read (LRU recency).
         self.on_access: Callable[[Path, str], None] | None = None
         # In memory: manifests (immutable, verified) and tag answers, read on every pull.
@@ -138,10 +140,14 @@ class FilesystemStorage:
         self._tags: LRUCache[tuple[str, str, str], TagEntry] = LRUCache(maxsize=100_000)
 
     def error(self, message: str, path: Path, exc: OSError) -> StorageError:
+        """A StorageError for a failed disk operation, logged and counted once here."""
         err = StorageError(
             f"{message} ({errno.errorcode.get(exc.errno or 0, exc.errno)})", path=str(path)
         )
         err.errno = exc.errno  # type: ignore[attr-defined]
+        log.error("storage error: %s", err)
+        if self.on_error is not None:
+            self.on_error(message.removeprefix("cannot ").split()[0])
         return err
 
     # -- lifetime --------------------------------------------------------------------------------
@@ -300,7 +306,8 @@ class FilesystemStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # on a read-only disk even this fails
+                tmp.unlink(missing_ok=True)
             raise self.error("cannot write", path, exc) from exc
 
     # -- metadata --------------------------------------------------------------------------------
