@@ -11,8 +11,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aiohttp import web
-
 from proxy import commands
 from proxy.commands import DEFAULT_PROXY
 from proxy.config import DOCKER_HUB_URL, Config, ConfigError, load_config
@@ -53,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level", metavar="LEVEL", help="debug, info, warning, error (default info)"
+    )
+    serve.add_argument(
+        "--head-timeout",
+        metavar="DURATION",
+        help="close connections whose request head takes longer (default 30s)",
     )
     serve.add_argument(
         "--upstream-username", metavar="USER", help="username for the default upstream"
@@ -149,6 +152,7 @@ FLAG_PATHS = {
     "storage": "storage",
     "tag_ttl": "tag_ttl",
     "log_level": "log_level",
+    "head_timeout": "head_timeout",
     "upstream_username": "upstream_username",
     "upstream_password_file": "upstream_password_file",
     "max_size": "cache.max_size",
@@ -201,19 +205,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("tls_cert", f"cannot load certificate and key: {exc}") from None
+    from proxy.server import serve
+
     host, port = config.listen_address
     _install_uvloop()
     app = create_app(config)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        ssl_context=ssl_context,
-        print=None,
-        access_log=logging.getLogger("proxy.access"),
-        access_log_class=AccessLogger,
-        handle_signals=True,
-        shutdown_timeout=5.0,
+    asyncio.run(
+        serve(
+            app,
+            host=host,
+            port=port,
+            ssl_context=ssl_context,
+            access_log_class=AccessLogger,
+            head_timeout=config.head_timeout,
+        )
     )
     return 0
 

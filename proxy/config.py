@@ -188,6 +188,9 @@ class Config:
     tag_ttl: float = 300.0
     #: Logging level; defaults to ``info``.
     log_level: str = "info"
+    #: Seconds a client has to send a request's head before its connection is closed
+    #: (slowloris); defaults to 30.
+    head_timeout: float = 30.0
     #: Upstreams by name; defaults to Docker Hub as ``docker.io``.
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     #: The upstream for requests that name none; defaults to ``docker.io``.
@@ -240,6 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("storage", "--storage"),
     Setting("tag_ttl", "--tag-ttl"),
     Setting("log_level", "--log-level"),
+    Setting("head_timeout", "--head-timeout"),
     Setting("upstream_username", "--upstream-username"),
     Setting("upstream_password_file", "--upstream-password-file"),
     Setting("upstream_password"),  # environment or file only: never a flag
@@ -371,6 +375,10 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     kwargs["tag_ttl"] = tag_ttl
     if "log_level" in raw:
         kwargs["log_level"] = _field(raw, "log_level", parse_log_level)
+    if "head_timeout" in raw:
+        kwargs["head_timeout"] = _field(raw, "head_timeout", parse_duration)
+        if kwargs["head_timeout"] <= 0:
+            raise ConfigError("head_timeout", "must be positive")
     if "offline" in raw:
         kwargs["offline"] = _field(raw, "offline", parse_bool)
     for key in ("tls_cert", "tls_key"):

@@ -797,8 +797,9 @@ async def test_slowloris_clients_do_not_starve_others(
     proxy_factory: ProxyFactory,
     record_property: Callable[[str, object], None],
 ) -> None:
+    """Clients dripping their headers do not slow others, and are cut off at --head-timeout."""
     upstream = front(seeded_registry.registry)
-    proxy = proxy_factory(upstream.url)
+    proxy = proxy_factory(upstream.url, extra_args=["--head-timeout", "3s"])
     image = seeded_registry["library/alpine:3.19"]
     cached = f"{proxy.url}/v2/library/alpine/manifests/{image.digest}"
     assert (await request(cached)).status == 200
@@ -858,6 +859,8 @@ async def test_slowloris_clients_do_not_starve_others(
         f"slowloris: {len(cut_off)} of {slow_count} cut off, {answered} answered after {duration}s"
     )
     assert answered + len(cut_off) == slow_count
+    assert (len(cut_off), answered) == (slow_count, 0), "slow heads must be cut off"
+    assert "request head took too long" in proxy.logs()
     assert (await request(f"{proxy.url}/v2/")).status == 200
 
 

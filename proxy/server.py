@@ -1,0 +1,137 @@
+"""Serving the app: the listening socket, shutdown on SIGTERM, and a deadline for request heads.
+
+aiohttp has no timeout for receiving a request's head, so a client sending its headers a byte at a
+time (slowloris) would hold a connection, and a file descriptor, for as long as it likes. Each
+connection here must deliver a complete request head (up to the blank line) within
+``header_timeout`` of its first byte, else it is closed. Between requests of a keep-alive
+connection aiohttp's ``keepalive_timeout`` applies. The guard wraps aiohttp's protocol and
+forwards everything else to it unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_TIMEOUT = 75.0
+_END_OF_HEAD = b"\r\n\r\n"
+
+
+class HeadDeadline(asyncio.Protocol):
+    """Closes the connection if a request head does not arrive within ``timeout`` seconds."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
+        self._inner = inner
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
+        self._transport: asyncio.BaseTransport | None = None
+        self._waiting = True  # for the head of the first request
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+        self._inner.connection_made(transport)
+
+    def _expire(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            peer = self._transport.get_extra_info("peername")
+            log.warning("closing a connection whose request head took too long peer=%s", peer)
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting:
+            seen = self._tail + data
+            if _END_OF_HEAD in seen:
+                self._waiting = False
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+            else:
+                self._tail = seen[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class GuardedTCPSite(web.TCPSite):
+    """A TCP site whose connections get a :class:`HeadDeadline`."""
+
+    def __init__(self, runner: web.BaseRunner, *args: Any, head_timeout: float, **kwargs: Any):
+        super().__init__(runner, *args, **kwargs)
+        self._head_timeout = head_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        factory = self._runner.server
+        assert factory is not None
+        timeout = self._head_timeout
+        self._server = await loop.create_server(
+            lambda: HeadDeadline(factory(), timeout),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+
+
+async def serve(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    access_log_class: type[AbstractAccessLogger],
+    head_timeout: float,
+) -> None:
+    """Run ``app`` until SIGTERM or SIGINT, then shut down gracefully."""
+    runner = web.AppRunner(
+        app,
+        access_log_class=access_log_class,
+        access_log=logging.getLogger("proxy.access"),
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        handle_signals=False,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = GuardedTCPSite(
+            runner,
+            host or None,
+            port,
+            ssl_context=ssl_context,
+            shutdown_timeout=5.0,
+            head_timeout=head_timeout,
+        )
+        await site.start()
+        log.info("listening on %s", site.name)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
