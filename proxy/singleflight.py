@@ -23,16 +23,13 @@ class SingleFlight(Generic[K, V]):
     def __init__(self) -> None:
         self._tasks: dict[K, asyncio.Task[V]] = {}
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     def __contains__(self, key: K) -> bool:
         return key in self._tasks
 
     def start(self, key: K, work: Callable[[], Awaitable[V]]) -> asyncio.Task[V]:
         """The running task for ``key``, or a new one running ``work()``."""
         task = self._tasks.get(key)
-        if task is None:
+        if task is None or task.done():  # a finished task's key goes one loop turn later
             task = asyncio.ensure_future(work())
             self._tasks[key] = task
             task.add_done_callback(functools.partial(self._done, key))
@@ -47,9 +44,3 @@ class SingleFlight(Generic[K, V]):
             del self._tasks[key]
         if not task.cancelled():
             task.exception()  # retrieved: the waiters, if any, re-raise it themselves
-
-    async def cancel_all(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

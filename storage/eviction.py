@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from proxy.config import CacheConfig
 from storage.filesystem import content_path
@@ -312,6 +312,3 @@ class CacheManager:
         if item.kind == "manifest":
             item.path.with_name(item.path.name + ".type").unlink(missing_ok=True)
         return True
-
-    def describe(self) -> dict[str, Any]:
-        return {"used": self.used, "limit": self.limit, "in_use": len(+self.in_use)}
