@@ -2,12 +2,17 @@
 
 Routes::
 
-    GET        /v2/                              API version check
-    GET|HEAD   /v2/<name>/manifests/<reference>  proxy.manifests
+    GET        /v2/                              API version check (and login, with auth)
+    GET|HEAD   /v2/<name>/manifests/<reference>  proxy.platforms -> proxy.manifests
     GET|HEAD   /v2/<name>/blobs/<digest>         proxy.blobs
     GET        /v2/<name>/tags/list              proxy.manifests (tags_list)
     *          /v2/...                           405 UNSUPPORTED for anything that would write
-    GET        /healthz                          the process is up
+    GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
+    GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
+
+Every /v2/ request is routed to an upstream (``proxy.routing``), checked against the access rules
+(``proxy.auth``) and, for digests, against what the repository is known to hold (``proxy.links``)
+before anything is looked up.
 
 Resources (storage, upstream sessions, services) are created in ``cleanup_ctx`` and live under
 typed ``web.AppKey`` keys.
