@@ -484,16 +484,7 @@ class BlobService:
                 length = resp.content_length
         except UpstreamError as exc:
             raise to_registry_error(exc, not_found=BlobUnknown) from exc
-        out = web.StreamResponse(
-            headers={
-                "Docker-Content-Digest": digest,
-                "Content-Type": "application/octet-stream",
-                "X-Cache": "MISS",
-            }
-        )
-        if length is not None:
-            out.content_length = length
-        return out
+        return _miss_response(digest, length)
 
 
 class _BlobFileResponse(web.FileResponse):
@@ -533,6 +524,20 @@ class _BlobFileResponse(web.FileResponse):
                 self._in_use = None
 
 
+def _miss_response(digest: str, size: int | None) -> web.StreamResponse:
+    """Headers of a blob answered from upstream (no body yet)."""
+    resp = web.StreamResponse(
+        headers={
+            "Docker-Content-Digest": digest,
+            "Content-Type": "application/octet-stream",
+            "X-Cache": "MISS",
+        }
+    )
+    if size is not None:
+        resp.content_length = size
+    return resp
+
+
 async def relay_uncached(
     request: web.Request,
     resp: web.StreamResponse | None,
@@ -570,15 +575,7 @@ async def relay_uncached(
             expect=(200, 206),
         ) as up:
             if resp is None:
-                resp = web.StreamResponse(
-                    headers={
-                        "Docker-Content-Digest": digest,
-                        "Content-Type": "application/octet-stream",
-                        "X-Cache": "MISS",
-                    }
-                )
-                if up.content_length is not None:
-                    resp.content_length = up.content_length
+                resp = _miss_response(digest, up.content_length)
                 await resp.prepare(request)
             skip = offset if up.status == 200 else 0
             held = b""
@@ -609,15 +606,7 @@ async def relay_uncached(
 
 async def stream_download(request: web.Request, dl: Download, digest: str) -> web.StreamResponse:
     """Follow ``dl``'s temp file to the client, holding the last byte until it is verified."""
-    resp = web.StreamResponse(
-        headers={
-            "Docker-Content-Digest": digest,
-            "Content-Type": "application/octet-stream",
-            "X-Cache": "MISS",
-        }
-    )
-    if dl.size is not None:
-        resp.content_length = dl.size
+    resp = _miss_response(digest, dl.size)
     request["cache"] = "miss"
     assert dl.path is not None
     try:
