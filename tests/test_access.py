@@ -41,6 +41,40 @@ class Setup:
     images: dict[str, SeededImage]
 
 
+def write_access_config(directory: Path, hub_url: str, ghcr_url: str, corp_url: str) -> Path:
+    """regproxy's config for three upstreams (corp with credentials) and client access rules:
+    anonymous may pull docker.io/library/* and ghcr.io/*, alice everything, bob docker.io/*."""
+    password_file = directory / "corp-password"
+    password_file.write_text(CORP_CREDS[1])
+    htpasswd = directory / "htpasswd"
+    htpasswd.write_text(
+        "".join(
+            f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()}\n"
+            for u, p in USERS.items()
+        )
+    )
+    config = directory / "regproxy.yml"
+    config.write_text(
+        f"""
+upstreams:
+  docker.io: {{url: "{hub_url}"}}
+  ghcr.io: {{url: "{ghcr_url}"}}
+  corp: {{url: "{corp_url}", username: {CORP_CREDS[0]}, password_file: "{password_file}"}}
+default_upstream: docker.io
+auth:
+  htpasswd: "{htpasswd}"
+  rules:
+    - users: [anonymous]
+      repositories: ["docker.io/library/*", "ghcr.io/*"]
+    - users: [alice]
+      repositories: ["*"]
+    - users: [bob]
+      repositories: ["docker.io/*"]
+"""
+    )
+    return config
+
+
 @pytest.fixture
 def corp_registry(tmp_path: Path) -> Iterator[Registry]:
     """A private company registry: htpasswd auth, like ECR or a Harbor project."""
@@ -87,34 +121,7 @@ def setup(
         ),
     }
     hub, ghcr, corp = front(registry), front(ghcr_registry), front(corp_registry)
-    password_file = tmp_path / "corp-password"
-    password_file.write_text(CORP_CREDS[1])
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text(
-        "".join(
-            f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()}\n"
-            for u, p in USERS.items()
-        )
-    )
-    config = tmp_path / "regproxy.yml"
-    config.write_text(
-        f"""
-upstreams:
-  docker.io: {{url: "{hub.url}"}}
-  ghcr.io: {{url: "{ghcr.url}"}}
-  corp: {{url: "{corp.url}", username: {CORP_CREDS[0]}, password_file: "{password_file}"}}
-default_upstream: docker.io
-auth:
-  htpasswd: "{htpasswd}"
-  rules:
-    - users: [anonymous]
-      repositories: ["docker.io/library/*", "ghcr.io/*"]
-    - users: [alice]
-      repositories: ["*"]
-    - users: [bob]
-      repositories: ["docker.io/*"]
-"""
-    )
+    config = write_access_config(tmp_path, hub.url, ghcr.url, corp.url)
     proxy = proxy_factory(hub.url, extra_args=["--config", str(config)])
     return Setup(hub, ghcr, corp, proxy, images)
 

@@ -53,7 +53,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bcrypt
 import pytest
 
 from tests.harness.clients import (
@@ -67,7 +66,7 @@ from tests.harness.front import Front
 from tests.harness.images import SeededImage, seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import Registry, start_registry
-from tests.test_access import CORP_CREDS, USERS, basic
+from tests.test_access import CORP_CREDS, USERS, basic, write_access_config
 
 pytestmark = pytest.mark.e2e
 
@@ -147,35 +146,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             fronts[-1].start()
         hub_front, ghcr_front, corp_front = fronts
 
-        password_file = base / "corp-password"
-        password_file.write_text(CORP_CREDS[1])
-        htpasswd = base / "htpasswd"
-        htpasswd.write_text(
-            "".join(
-                f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()}\n"
-                for u, p in USERS.items()
-            )
-        )
-        config = base / "regproxy.yml"
-        config.write_text(
-            f"""
-upstreams:
-  docker.io: {{url: "{hub_front.url}"}}
-  ghcr.io: {{url: "{ghcr_front.url}"}}
-  corp: {{url: "{corp_front.url}", username: {CORP_CREDS[0]}, password_file: "{password_file}"}}
-default_upstream: docker.io
-tag_ttl: 5m
-auth:
-  htpasswd: "{htpasswd}"
-  rules:
-    - users: [anonymous]
-      repositories: ["docker.io/library/*", "ghcr.io/*"]
-    - users: [alice]
-      repositories: ["*"]
-    - users: [bob]
-      repositories: ["docker.io/*"]
-"""
-        )
+        config = write_access_config(base, hub_front.url, ghcr_front.url, corp_front.url)
         empty_auth = base / "empty-auth.json"
         empty_auth.write_text('{"auths": {}}\n')
         proxy = ProxyProcess(

@@ -68,24 +68,6 @@ from tests.test_faults import (
 ProxyFactory = Callable[..., ProxyProcess]
 FrontFactory = Callable[..., Front]
 
-#: Every registry error code the proxy may answer with (``UNKNOWN`` means a 500: never).
-REGISTRY_CODES = frozenset(
-    {
-        "NAME_INVALID",
-        "MANIFEST_INVALID",
-        "DIGEST_INVALID",
-        "RANGE_INVALID",
-        "UNAUTHORIZED",
-        "DENIED",
-        "NAME_UNKNOWN",
-        "MANIFEST_UNKNOWN",
-        "BLOB_UNKNOWN",
-        "NOT_FOUND",
-        "UNSUPPORTED",
-        "TOOMANYREQUESTS",
-        "UNAVAILABLE",
-    }
-)
 #: Marker in every traversal attempt: no file or directory by this name may appear anywhere.
 MARK = "rpxpwn"
 Z64 = "0" * 64
