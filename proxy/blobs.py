@@ -102,7 +102,12 @@ class BlobService:
         dl = self.downloads.get(digest)
         if dl is not None and (dl.upstream.name, dl.repository) != (upstream.name, repository):
             return True
-        return await self.store.stat_blob(digest) is not None
+        try:
+            return await self.store.stat_blob(digest) is not None
+        except StorageError as exc:
+            if not exc.unreachable:
+                raise
+            return False  # the object store is away: fetched from this repository, or relayed
 
     def download(
         self, upstream: Upstream, repository: str, digest: str, *, stored: bool = False

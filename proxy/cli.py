@@ -213,6 +213,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.server").addFilter(_RefusedRequests())
+    for noisy in ("aiobotocore", "botocore"):  # "Found credentials in ..." on every start
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

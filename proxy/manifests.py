@@ -190,7 +190,12 @@ class ManifestService:
     async def by_tag(
         self, upstream: Upstream, repository: str, tag: str, *, head: bool
     ) -> Manifest:
-        entry = await self.meta.get_tag(upstream.name, repository, tag)
+        try:
+            entry = await self.meta.get_tag(upstream.name, repository, tag)
+        except StorageError as exc:
+            if not exc.unreachable:
+                raise
+            entry = None  # the object store is away: ask upstream
         if entry is not None and (
             self.offline or time.time() - entry.checked_at < upstream.config.tag_ttl
         ):
