@@ -177,6 +177,16 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The operator's console (``/_regproxy/``, ``proxy.console``)."""
+
+    #: Seconds between two samples of its history chart; defaults to 30.
+    sample_every: float = 30.0
+    #: How far back the history chart goes (seconds, kept in memory); defaults to 6 hours.
+    history: float = 6 * 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``regproxy serve`` needs."""
 
@@ -208,6 +218,8 @@ class Config:
     platforms: Mapping[str, Any] = field(default_factory=dict)
     #: The ``auth:`` section as written.
     auth: Mapping[str, Any] = field(default_factory=dict)
+    #: The operator's console.
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -256,6 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis.url", "--redis"),
     Setting("tls_cert", "--tls-cert"),
     Setting("tls_key", "--tls-key"),
+    Setting("console.sample_every"),
+    Setting("console.history"),
 )
 
 TOP_LEVEL_KEYS = frozenset(
@@ -407,7 +421,19 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     from proxy.auth import load_auth
 
     load_auth(kwargs["auth"])
+    kwargs["console"] = _build_console(_mapping(raw.get("console"), "console"))
     return Config(**kwargs)
+
+
+def _build_console(section: Mapping[str, Any]) -> ConsoleConfig:
+    _check_keys(section, frozenset({"sample_every", "history"}), "console.")
+    kwargs: dict[str, Any] = {}
+    for key in ("sample_every", "history"):
+        if section.get(key) not in (None, ""):
+            kwargs[key] = _field(section, key, parse_duration, "console.")
+            if kwargs[key] <= 0:
+                raise ConfigError(f"console.{key}", "must be positive")
+    return ConsoleConfig(**kwargs)
 
 
 def _build_cache(section: Mapping[str, Any]) -> CacheConfig:
