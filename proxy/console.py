@@ -120,7 +120,8 @@ class Console:
             upstream, repository = self.app[regapp.ROUTER].route(name, request.query.get("ns"))
         except (web.HTTPException, RegistryError, KeyError):
             return
-        self.repo_bytes[f"{upstream}/{repository}"] += response.body_length
+        # Body bytes, counted as regproxy_cache_served_bytes_total counts them.
+        self.repo_bytes[f"{upstream}/{repository}"] += response.content_length or 0
         if len(self.repo_bytes) > 10_000:  # bounded: keep the heavy half
             self.repo_bytes = Counter(dict(self.repo_bytes.most_common(5_000)))
 

@@ -178,7 +178,9 @@ function renderHistory(h) {
   root.appendChild(svg("title", { id: "history-title" }, title));
   if (samples.length) {
     const t0 = samples[0].at, t1 = Math.max(last.at, t0 + 1);
-    const maxUsed = Math.max(1, ...samples.map((s) => Math.max(s.used_bytes, s.limit_bytes || 0)));
+    // Scale to what is used, so growth shows; take in the limit only when it is near.
+    let maxUsed = Math.max(1024, ...samples.map((s) => s.used_bytes)) * 1.25;
+    if (last.limit_bytes && last.limit_bytes <= maxUsed * 1.6) maxUsed = last.limit_bytes * 1.05;
     const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
     const y = (v) => T + (1 - v / maxUsed) * (H - T - B);
     const yr = (r) => T + (1 - r) * (H - T - B);
@@ -192,7 +194,7 @@ function renderHistory(h) {
       svg("text", { x: L, y: H - 6 }, new Date(t0 * 1000).toLocaleTimeString()),
       svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, new Date(t1 * 1000).toLocaleTimeString()),
     );
-    if (last.limit_bytes) {
+    if (last.limit_bytes && last.limit_bytes <= maxUsed) {
       root.appendChild(svg("line", { class: "limit", x1: L, x2: W - R, y1: y(last.limit_bytes), y2: y(last.limit_bytes) }));
     }
     let area = `M${x(t0)},${y(0)}`;
