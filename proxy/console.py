@@ -101,6 +101,8 @@ class Console:
         #: Evicted files, newest last; appended from the eviction thread (deque is thread-safe).
         self.evicted: deque[dict[str, Any]] = deque(maxlen=EVICTED_KEPT)
         self.started_at = time.time()
+        #: Whether evictions reach ``evicted_file`` (see ``_watch_evictions``).
+        self.tracks_evictions = False
         self._upstreams: dict[str, _UpstreamState] = {}
         self._seen_counts: dict[tuple[str, str, str], float] = {}
         self._rates: dict[str, tuple[float, int, float]] = {}  # digest -> (t, written, rate)
@@ -243,7 +245,7 @@ class Console:
                     k: int(self._metric("regproxy_evictions_total", {"kind": k})) for k in KINDS
                 },
                 "recent": list(reversed(self.evicted)),
-                "tracked": _evictions_hook_present(cache),
+                "tracked": self.tracks_evictions,
             },
             "pinned": list(config.cache.pin),
             "fleet": self.fleet(user),
@@ -440,11 +442,13 @@ def _watch_evictions(cache: Any, console: Console) -> None:
     """
     if _evictions_hook_present(cache) and getattr(cache, "on_evict", None) is None:
         cache.on_evict = console.evicted_file
+        console.tracks_evictions = True
         return
     remove: Callable[[Any], bool] | None = getattr(cache, "_remove", None)
     if remove is None:
         log.warning("console: this CacheManager reports no evictions")
         return
+    console.tracks_evictions = True
 
     def removed(item: Any) -> bool:
         ok = remove(item)

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import bcrypt
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -252,6 +253,20 @@ async def test_downloads_in_flight_and_upstream_rate_limit(
             return ok and row
 
         row = await wait_for(moving, within=20)
+        async with Browser(tmp_path) as browser:
+            await browser.open(
+                f"{proxy.url}/_regproxy/",
+                ready="document.querySelector('#downloads tbody tr[data-digest]')",
+            )
+            shown = await browser.eval(
+                "(() => { const tr = document.querySelector('#downloads tbody tr[data-digest]');"
+                " return {digest: tr.dataset.digest, repo: tr.cells[0].textContent,"
+                " progress: Number(tr.querySelector('progress').value),"
+                " max: Number(tr.querySelector('progress').max), text: tr.innerText}; })()"
+            )
+        assert shown["digest"] == big and shown["repo"] == "docker.io/library/redis"
+        assert shown["max"] == size and 0 < shown["progress"] < size
+        assert "/s" in shown["text"] and f"of {size / 1024:.1f} KiB" in shown["text"]
         assert row["size"] == size
         assert (row["upstream"], row["repository"]) == ("docker.io", "library/redis")
         assert 0 < row["progress"] < 1
@@ -302,6 +317,7 @@ async def test_recently_evicted_lists_what_eviction_removed(
     assert {e["digest"] for e in recent} <= pulled.digests
     assert all(e["kind"] in ("blob", "manifest") and e["size"] > 0 for e in recent)
     assert summary["storage"]["used_bytes"] <= 72_000 * 0.95
+    assert summary["evicted"]["tracked"] is True
 
 
 # -- access ------------------------------------------------------------------------------------
@@ -365,6 +381,30 @@ auth:
         f"{proxy.url}/_regproxy/api/inspect?image=myteam/app:1.0-amd64", carol
     )
     assert status == 403
+
+    # The page itself, as the admin's browser sends her credentials with every request.
+    async with Browser(tmp_path) as browser:
+        loaded = "document.body.dataset.loaded === 'true'"
+        await browser.open(f"{proxy.url}/_regproxy/", headers=carol, ready=loaded)
+        text = await browser.eval("document.body.innerText")
+        assert "docker.io/library/hello" in text and "myteam" not in text
+        assert browser.console_errors == []
+
+
+def test_console_settings_are_validated() -> None:
+    from proxy.auth import load_auth
+    from proxy.config import ConfigError, load_config
+
+    config = load_config(environ={"REGPROXY_CONSOLE_SAMPLE_EVERY": "10s"})
+    assert config.console.sample_every == 10.0 and config.console.history == 6 * 3600
+    for key, value in (("sample_every", "soon"), ("history", "0s"), ("window", "1h")):
+        with pytest.raises(ConfigError) as caught:
+            load_config(environ={}, flags={f"console.{key}": value})
+        assert caught.value.key == f"console.{key}"
+    assert load_auth({"htpasswd": "/x", "admins": ["alice"]}).admins == ("alice",)
+    with pytest.raises(ConfigError) as caught:
+        load_auth({"admins": {"alice": True}})
+    assert caught.value.key == "auth.admins"
 
 
 # -- the page in a real browser ----------------------------------------------------------------
