@@ -359,11 +359,15 @@ class Console:
         return not auth.enabled or auth.allowed(user, upstream, repository)
 
     def fleet(self, user: str | None) -> dict[str, Any]:
-        """Every replica's saved usage (``<storage>/stats/*.json``), summed."""
-        replicas, hits, misses = 0, 0, 0
-        pulls: Counter[str] = Counter()
-        stats = self.app[regapp.STORAGE].root / "stats"
+        """Every replica's usage, summed: this one's live, the others' from their stats files
+        (``<storage>/stats/<host>.json``, as ``regproxy cache stats`` reads them)."""
+        usage = self.app[regapp.USAGE]
+        replicas, hits, misses = 1, usage.hits, usage.misses
+        pulls: Counter[str] = Counter(usage.pulls)
+        stats = usage.path.parent
         for path in sorted(stats.glob("*.json")) if stats.is_dir() else []:
+            if path == usage.path:
+                continue
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
                 doc = json.loads(path.read_text())
                 hits += int(doc.get("hits", 0))

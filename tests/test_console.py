@@ -20,6 +20,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.metrics import UsageStats
 from tests.harness.browser import Browser
 from tests.harness.front import Drip, Front, blob, manifest, too_many_requests
 from tests.harness.images import SeededImage, SeededRegistry
@@ -199,6 +200,19 @@ async def test_api_figures_match_metrics_and_known_pulls(
     assert {r: v["pulls"] for r, v in by_pulls.items()} == pulled.pulls
     ordered = [r["repository"] for r in summary["top_repositories"]["by_bytes"]]
     assert ordered == sorted(pulled.bytes, key=lambda r: -pulled.bytes[r])
+
+    fleet = summary["fleet"]  # one replica: its live figures
+    assert (fleet["replicas"], fleet["hits"], fleet["misses"]) == (1, hits, misses)
+    assert {r["repository"]: r["pulls"] for r in fleet["top_pulls"]} == pulled.pulls
+    other = UsageStats(proxy.storage, name="replica-b")  # another replica's saved figures
+    other.hits, other.misses = 5, 2
+    other.pulls.update({"docker.io/library/alpine": 3, "docker.io/library/nginx": 1})
+    other.save()
+    fleet = (await api(proxy, "summary"))["fleet"]
+    assert (fleet["replicas"], fleet["hits"], fleet["misses"]) == (2, hits + 5, misses + 2)
+    fleet_pulls = {r["repository"]: r["pulls"] for r in fleet["top_pulls"]}
+    assert fleet_pulls["docker.io/library/alpine"] == pulled.pulls["docker.io/library/alpine"] + 3
+    assert fleet_pulls["docker.io/library/nginx"] == 1
 
     [hub] = summary["upstreams"]
     assert hub["name"] == "docker.io" and hub["health"] == "ok" and hub["last_error"] is None
@@ -522,9 +536,10 @@ async def test_page_in_chromium_shows_the_figures(
         )
         cached = await browser.eval(
             "Object.fromEntries([...document.querySelectorAll('#inspect tbody tr')]"
-            ".map((tr) => [tr.dataset.platform, tr.cells[4].dataset.value]))"
+            ".map((tr) => [tr.dataset.platform, tr.cells[5].dataset.value]))"
         )
         assert cached == {"linux/amd64": "yes", "linux/arm64/v8": "no", "linux/arm/v7": "no"}
+        await browser.screenshot(tmp_path / "console-1280-full.png", full_page=True)
 
         await browser.open(page, width=390, height=844, mobile=True, ready=loaded)
         widths = await browser.eval(

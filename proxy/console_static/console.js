@@ -250,12 +250,14 @@ async function inspect(ev) {
   try {
     const r = await getJSON("inspect?image=" + encodeURIComponent(image));
     out.textContent = r.image + " → " + r.digest + " (" + r.media_type + ")";
-    fillTable("inspect", r.platforms, 5, "No platforms", (p, tr) => {
+    fillTable("inspect", r.platforms, 6, "No platforms", (p, tr) => {
       tr.append(
         cell(p.platform + (p.attestation ? " (attestation)" : "")),
         cell(p.source),
         cell(shortDigest(p.digest), { cls: "mono", title: p.digest }),
-        cell(bytes(p.image_bytes === null ? p.size : p.image_bytes), { cls: "num", value: p.image_bytes }),
+        cell(bytes(p.size), { cls: "num", value: p.size }),
+        // Layer sizes are in the platform's manifest: known once that is cached.
+        cell(p.image_bytes === null ? "not known yet" : bytes(p.image_bytes), { cls: "num", value: p.image_bytes }),
         cell(null, { node: badge(p.cached, p.cached), value: p.cached }),
       );
       return { platform: p.platform };
