@@ -10,6 +10,7 @@ Routes::
     GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
     GET        /_regproxy/peer/blobs/<digest>    another replica streams a download (shared secret)
+    GET        /_regproxy/, /_regproxy/api/...   operator's console and its JSON (proxy.console)
 
 Every /v2/ request is routed to an upstream (``proxy.routing``), checked against the access rules
 (``proxy.auth``) and, for digests, against what the repository is known to hold (``proxy.links``)
@@ -36,6 +37,7 @@ from aiohttp.web_response import StreamResponse
 from proxy.auth import Authenticator, load_auth
 from proxy.blobs import BlobService, stream_download
 from proxy.config import Config
+from proxy.console import CONSOLE, setup_console
 from proxy.download import CACHE_RESULT, PEER_HEADER, Cache
 from proxy.errors import (
     BlobUnknown,
@@ -103,6 +105,8 @@ class AccessLogger(AbstractAccessLogger):
             observe(app[METRICS], request, response, time, cache)
             if USAGE in app:
                 count_usage(app[USAGE], request, response, cache)
+            if CONSOLE in app:
+                app[CONSOLE].observe(request, response)
 
 
 def _app_of(request: BaseRequest) -> web.Application | None:
@@ -384,6 +388,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/_regproxy/inspect", handle_inspect)
     app.router.add_get("/_regproxy/peer/blobs/{digest}", handle_peer_blob)
+    setup_console(app)  # /_regproxy/ and /_regproxy/api/...: proxy.console
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
 

@@ -167,6 +167,16 @@ CacheConfig = CacheSettings
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The operator's console (``/_regproxy/``, ``proxy.console``)."""
+
+    #: Seconds between two samples of its history chart; defaults to 30.
+    sample_every: float = 30.0
+    #: How far back the history chart goes (seconds, kept in memory); defaults to 6 hours.
+    history: float = 6 * 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``regproxy serve`` needs."""
 
@@ -205,6 +215,8 @@ class Config:
     platforms: Mapping[str, Any] = field(default_factory=dict)
     #: The ``auth:`` section as written.
     auth: Mapping[str, Any] = field(default_factory=dict)
+    #: The operator's console.
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -263,6 +275,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("s3.path_style"),
     Setting("s3.redirect"),
     Setting("s3.redirect_expiry"),
+    Setting("console.sample_every"),
+    Setting("console.history"),
 )
 
 TOP_LEVEL_KEYS = frozenset(
@@ -443,6 +457,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     from proxy.auth import load_auth
 
     load_auth(kwargs["auth"])
+    kwargs["console"] = _build_console(_mapping(raw.get("console"), "console"))
     return Config(**kwargs)
 
 
@@ -483,6 +498,17 @@ def _build_s3(location: str, section: Mapping[str, Any]) -> S3Settings:
             raise ConfigError("s3.part_size", "must be between 5 MiB and 5 GiB")
         kwargs["part_size"] = part
     return S3Settings(**kwargs)
+
+
+def _build_console(section: Mapping[str, Any]) -> ConsoleConfig:
+    _check_keys(section, frozenset({"sample_every", "history"}), "console.")
+    kwargs: dict[str, Any] = {}
+    for key in ("sample_every", "history"):
+        if section.get(key) not in (None, ""):
+            kwargs[key] = _field(section, key, parse_duration, "console.")
+            if kwargs[key] <= 0:
+                raise ConfigError(f"console.{key}", "must be positive")
+    return ConsoleConfig(**kwargs)
 
 
 def _build_cache(section: Mapping[str, Any]) -> CacheConfig:
