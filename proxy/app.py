@@ -9,6 +9,7 @@ Routes::
     *          /v2/...                           405 UNSUPPORTED for anything that would write
     GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
+    GET        /_regproxy/sync                   scheduled sync: entries, tags, digests, runs
 
 Every /v2/ request is routed to an upstream (``proxy.routing``), checked against the access rules
 (``proxy.auth``) and, for digests, against what the repository is known to hold (``proxy.links``)
@@ -47,6 +48,7 @@ from proxy.metrics import CONTENT_TYPE_LATEST, Metrics, UsageStats
 from proxy.platforms import PlatformService, accepts_index, load_platforms
 from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
 from proxy.routing import Router
+from proxy.sync import SYNC, SyncService, handle_sync_status
 from proxy.upstream import INDEX_TYPES, Upstream, Upstreams
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
@@ -356,6 +358,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/readyz", handle_readyz, allow_head=True)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/_regproxy/inspect", handle_inspect)
+    app.router.add_get("/_regproxy/sync", handle_sync_status)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
 
@@ -405,9 +408,23 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[USAGE] = usage
     await cache.start()
     saver = asyncio.create_task(_save_usage(usage, upstreams))
+    app[SYNC] = SyncService(
+        config.sync,
+        upstreams=upstreams,
+        manifests=app[MANIFESTS],
+        platforms=app[PLATFORMS],
+        blobs=app[BLOBS],
+        links=app[LINKS],
+        cache=cache,
+        metrics=metrics,
+        redis=redis_client,
+        instance=storage.instance,
+    )
+    app[SYNC].start()
     try:
         yield
     finally:
+        await app[SYNC].stop()
         saver.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await saver

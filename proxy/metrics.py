@@ -17,6 +17,11 @@ regproxy_storage_limit_bytes               ``cache.max_size`` (0: unbounded)
 regproxy_evictions_total{kind}             files removed by eviction
 regproxy_inflight_downloads                blob downloads from upstream in progress
 regproxy_storage_errors_total{op}          local disk failures (never silent misses)
+regproxy_sync_runs_total{result}           scheduled sync checks of an entry: success, error,
+                                           ratelimited (paused by the floor or a 429), skipped
+                                           (another replica holds the entry's lease)
+regproxy_sync_last_success_timestamp_seconds{repository}  end of the last successful check
+regproxy_sync_bytes_total                  blob and manifest bytes sync fetched from upstream
 =========================================  ==========================================
 """
 
@@ -113,6 +118,20 @@ class Metrics:
         self.storage_errors = Counter(
             "regproxy_storage_errors", "Local storage failures", ["op"], registry=r
         )
+        self.sync_runs = Counter(
+            "regproxy_sync_runs", "Scheduled sync checks of an entry", ["result"], registry=r
+        )
+        self.sync_last_success = Gauge(
+            "regproxy_sync_last_success_timestamp_seconds",
+            "Unix time a sync entry last checked and fetched successfully",
+            ["repository"],
+            registry=r,
+        )
+        self.sync_bytes = Counter(
+            "regproxy_sync_bytes", "Bytes scheduled sync fetched from upstream", registry=r
+        )
+        for result in ("success", "error", "ratelimited", "skipped"):
+            self.sync_runs.labels(result)
         for kind in ("blob", "manifest"):
             self.hits.labels(kind)
             self.misses.labels(kind)
