@@ -419,6 +419,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         redis=redis_client,
         instance=storage.instance,
+        auth=app[AUTH],
     )
     app[SYNC].start()
     try:

@@ -51,6 +51,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
+from proxy.auth import Authenticator
 from proxy.blobs import BlobService
 from proxy.config import SyncConfig, SyncEntry
 from proxy.errors import RegistryError, StorageError, UpstreamError
@@ -148,6 +149,7 @@ class SyncService:
         redis: aioredis.Redis | None = None,
         instance: str = "",
         concurrency: int = CONCURRENCY,
+        auth: Authenticator | None = None,
     ) -> None:
         self.config = config
         self.upstreams = upstreams
@@ -159,6 +161,8 @@ class SyncService:
         self.metrics = metrics
         self.redis = redis
         self.instance = instance
+        #: With an htpasswd file, the status (repository names, digests) needs a login.
+        self.auth = auth
         self.states = [EntryState(e, entry_id(e)) for e in config.entries]
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: list[asyncio.Task[None]] = []
@@ -342,7 +346,9 @@ class SyncService:
         fetched += sum(r for r in results if isinstance(r, int))
         if self.metrics is not None and fetched:
             self.metrics.sync_bytes.inc(fetched)
-        if top.digest != status.digest:
+        # New to this process and fetched now, or moved since the last check (a restart finds
+        # its content cached: not news).
+        if top.digest != status.digest and (fetched or status.digest is not None):
             log.info(
                 "sync fetched a new digest upstream=%s repository=%s tag=%s digest=%s "
                 "previous=%s manifests=%d blobs=%d bytes=%d",
@@ -576,4 +582,7 @@ SYNC = web.AppKey("sync", SyncService)
 async def handle_sync_status(request: web.Request) -> web.Response:
     """``GET /_regproxy/sync``: each entry's tags, digests, last and next check."""
     request["route"] = "sync"
-    return web.json_response(await request.app[SYNC].status())
+    service = request.app[SYNC]
+    if service.auth is not None:
+        await service.auth.check_login(request.headers.get("Authorization"))
+    return web.json_response(await service.status())

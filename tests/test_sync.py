@@ -398,3 +398,96 @@ def test_sync_section_is_typed_and_routed_like_requests(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="sync_ratelimit_floor"):
         load_config(environ={"REGPROXY_SYNC_RATELIMIT_FLOOR": "lots"})
     assert load_config(environ={}).sync.entries == ()
+
+
+async def test_sync_keeps_a_synthesized_index_warm(
+    registry: Registry, front: FrontFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """A platform rule's index, children from another repository included, is synced ahead;
+    when a source moves, the index is synthesized again and its new child fetched."""
+    upstream = front(registry)
+    config = write_config(
+        tmp_path / "rules.yml",
+        [{"repository": "library/mix", "tags": ["1.0"], "platforms": "all", "interval": "1s"}],
+        platforms={
+            "rules": [
+                {
+                    "repository": "library/mix",
+                    "sources": {"linux/arm64/v8": "mixarm/server:{tag}"},
+                }
+            ]
+        },
+    )
+    amd = seed_image(registry, "library/mix", "1.0", platforms=("linux/amd64",), single=True)
+    arm = seed_image(registry, "mixarm/server", "1.0", platforms=("linux/arm64/v8",), single=True)
+    proxy = proxy_factory(upstream.url, extra_args=["--config", str(config)])
+
+    def synced(arm: SeededImage) -> bool:
+        digests = [amd.digest, arm.digest]
+        blobs = [*amd.blobs, *arm.blobs]
+        return all(held(proxy.storage, "manifests", d) for d in digests) and all(
+            held(proxy.storage, "blobs", d) for d in blobs
+        )
+
+    await wait_for(lambda: synced(arm), INTERVAL + SLACK, "synthesized index synced")
+    await wait_for(lambda: synced_digest(asyncio_run_status(proxy), "1.0") is not None, 5, "status")
+    upstream.reset()
+    await pull_synthesized(proxy, amd, arm, synced_digest(asyncio_run_status(proxy), "1.0"))
+    assert upstream.requests == [], [(r.method, r.path) for r in upstream.requests]
+
+    newer = seed_image(registry, "mixarm/server", "1.0", platforms=("linux/arm64/v8",), single=True)
+    await wait_for(lambda: synced(newer), INTERVAL + SLACK, "moved source synced")
+    await wait_for(
+        lambda: held(proxy.storage, "manifests", synced_digest(asyncio_run_status(proxy), "1.0")),
+        5,
+        "new index",
+    )
+    upstream.reset()
+    await pull_synthesized(proxy, amd, newer, synced_digest(asyncio_run_status(proxy), "1.0"))
+    assert upstream.requests == [], [(r.method, r.path) for r in upstream.requests]
+
+
+async def pull_synthesized(
+    proxy: ProxyProcess, amd: SeededImage, arm: SeededImage, digest: str | None
+) -> None:
+    base = f"{proxy.url}/v2/library/mix"
+    status, headers, body = await fetch(f"{base}/manifests/1.0")
+    assert status == 200 and headers["Docker-Content-Digest"] == digest
+    children = {m["platform"]["architecture"]: m["digest"] for m in json.loads(body)["manifests"]}
+    assert children == {"amd64": amd.digest, "arm64": arm.digest}
+    for image in (amd, arm):
+        status, _, body = await fetch(f"{base}/manifests/{image.digest}")
+        assert (status, body) == (200, image.raw)
+        for blob_digest in image.blobs:
+            status, _, data = await fetch(f"{base}/blobs/{blob_digest}")
+            assert status == 200 and sha256(data) == blob_digest
+
+
+async def test_sync_of_a_single_manifest_survives_a_restart_without_refetching(
+    registry: Registry, front: FrontFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    upstream = front(registry)
+    image = seed_image(registry, REPO, "1.5", platforms=("linux/arm64/v8",), single=True)
+    proxy = sync_proxy(proxy_factory, upstream, tmp_path)
+
+    def synced() -> bool:
+        return held(proxy.storage, "manifests", image.digest) and all(
+            held(proxy.storage, "blobs", d) for d in image.blobs
+        )
+
+    await wait_for(synced, INTERVAL + SLACK, "single manifest synced")
+    await wait_for(
+        lambda: synced_digest(asyncio_run_status(proxy), "1.5") == image.digest, 5, "status"
+    )
+    proxy.stop()
+    upstream.reset()
+    proxy.start()
+    await wait_for(
+        lambda: synced_digest(asyncio_run_status(proxy), "1.5") == image.digest, SLACK, "checked"
+    )
+    # After the restart the check found everything cached: HEADs only, nothing fetched or logged.
+    assert upstream.count("GET", "/manifests/") == upstream.count("GET", "/blobs/") == 0
+    assert upstream.count("HEAD", "/manifests/1.5") >= 1
+    assert proxy.logs().count(f"digest={image.digest}") == 1
+    status, _, body = await fetch(f"{proxy.url}/v2/{REPO}/manifests/1.5")
+    assert (status, body) == (200, image.raw)
