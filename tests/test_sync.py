@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,9 +52,13 @@ def sync_proxy(
     return proxy_factory(upstream.url, extra_args=["--config", str(config), *args], **kwargs)
 
 
-def held(storage: Path, kind: str, digest: str) -> bool:
+def content_file(storage: Path, kind: str, digest: str) -> Path:
     hexpart = digest.removeprefix("sha256:")
-    return (storage / kind / "sha256" / hexpart[:2] / hexpart).is_file()
+    return storage / kind / "sha256" / hexpart[:2] / hexpart
+
+
+def held(storage: Path, kind: str, digest: str) -> bool:
+    return content_file(storage, kind, digest).is_file()
 
 
 def chosen_content(image: SeededImage) -> tuple[list[str], list[str]]:
@@ -480,6 +485,12 @@ async def test_sync_of_a_single_manifest_survives_a_restart_without_refetching(
         lambda: synced_digest(asyncio_run_status(proxy), "1.5") == image.digest, 5, "status"
     )
     proxy.stop()
+    # Made old while the proxy is down: the next check marks them used again (eviction order).
+    files = [content_file(proxy.storage, "blobs", d) for d in image.blobs]
+    files.append(content_file(proxy.storage, "manifests", image.digest))
+    day_ago = time.time() - 86400
+    for path in files:
+        os.utime(path, (day_ago, day_ago))
     upstream.reset()
     proxy.start()
     await wait_for(
@@ -489,5 +500,6 @@ async def test_sync_of_a_single_manifest_survives_a_restart_without_refetching(
     assert upstream.count("GET", "/manifests/") == upstream.count("GET", "/blobs/") == 0
     assert upstream.count("HEAD", "/manifests/1.5") >= 1
     assert proxy.logs().count(f"digest={image.digest}") == 1
+    assert all(path.stat().st_mtime > time.time() - 60 for path in files)
     status, _, body = await fetch(f"{proxy.url}/v2/{REPO}/manifests/1.5")
     assert (status, body) == (200, image.raw)
