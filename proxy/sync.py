@@ -108,7 +108,7 @@ class EntryState:
             "repository": entry.name,
             "upstream": entry.upstream,
             "upstream_repository": entry.repository,
-            "tags": list(entry.tags),
+            "tag_globs": list(entry.tags),
             "platforms": list(entry.platforms) if entry.platforms is not None else "all",
             "interval": entry.interval,
             "last_run": self.last_run,
@@ -117,7 +117,8 @@ class EntryState:
             "next_run": self.next_run,
             "error": self.error,
             "checked_by": self.checked_by,
-            "synced": [asdict(t) for t in sorted(self.tags.values(), key=lambda t: t.tag)],
+            "tags": [asdict(t) for t in sorted(self.tags.values(), key=lambda t: t.tag)],
+            "digests": {t.tag: t.digest for t in self.tags.values() if t.digest},
         }
 
 

@@ -63,9 +63,9 @@ def rows(status: dict[str, Any], now: float | None = None) -> list[tuple[str, ..
             _when(entry.get("last_run"), now),
             _when(entry.get("next_run"), now),
         )
-        synced = entry.get("synced") or []
+        synced = entry.get("tags") or []
         if not synced:
-            out.append((*common, ",".join(entry["tags"]), "-", "-", *run))
+            out.append((*common, ",".join(entry["tag_globs"]), "-", "-", *run))
         for tag in synced:
             digest = _short(tag.get("digest")) + (f" ({tag['error']})" if tag.get("error") else "")
             out.append((*common, tag["tag"], digest, _when(tag.get("synced_at"), now), *run))

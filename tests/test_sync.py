@@ -109,7 +109,8 @@ async def sync_status(proxy: ProxyProcess) -> dict[str, Any]:
 
 def synced_digest(doc: dict[str, Any], tag: str) -> str | None:
     (entry,) = doc["entries"]
-    found = [t["digest"] for t in entry["synced"] if t["tag"] == tag]
+    found = [t["digest"] for t in entry["tags"] if t["tag"] == tag]
+    assert entry["digests"].get(tag) == (found[0] if found else None)
     return found[0] if found else None
 
 
