@@ -97,7 +97,7 @@ class EntryState:
     last_run: float | None = None
     last_result: str | None = None
     last_success: float | None = None
-    next_run: float | None = None
+    next_run: float = 0.0
     error: str | None = None
     #: The replica whose check this is (another one's, read from Redis).
     checked_by: str | None = None
@@ -189,15 +189,18 @@ class SyncService:
 
     async def _loop(self, state: EntryState) -> None:
         # The first check comes soon after start-up, spread so replicas do not all ask at once.
-        delay = random.uniform(0, min(state.entry.interval, 10.0) * 0.2)
+        state.next_run = time.time() + random.uniform(0, min(state.entry.interval, 10.0) * 0.2)
         while True:
-            state.next_run = time.time() + delay
-            await asyncio.sleep(delay)
+            await asyncio.sleep(max(0.0, state.next_run - time.time()))
             try:
-                await self.run(state)
+                await self.run(state)  # sets the next run's time
             except Exception:  # a bug must not end the schedule
                 log.exception("sync check crashed repository=%s", state.entry.name)
-            delay = state.entry.interval * random.uniform(1 - JITTER, 1 + JITTER)
+                state.next_run = time.time() + state.entry.interval
+
+    @staticmethod
+    def _schedule(state: EntryState) -> None:
+        state.next_run = time.time() + state.entry.interval * random.uniform(1 - JITTER, 1 + JITTER)
 
     # -- one check -------------------------------------------------------------------------------
 
@@ -210,6 +213,7 @@ class SyncService:
         if lease is False:
             self._count("skipped")
             state.last_result = "skipped"
+            self._schedule(state)
             return "skipped"
         refresher = asyncio.create_task(self._keep_lease(state)) if lease is True else None
         started = time.time()
@@ -229,6 +233,7 @@ class SyncService:
                     state.last_success
                 )
         self._count(result)
+        self._schedule(state)
         await self._publish(state)
         return result
 
@@ -267,7 +272,8 @@ class SyncService:
                 )
                 result, error = "error", f"{tag}: {status.error}"
         if not tags:
-            error = "no upstream tag matches"
+            log.warning("sync entry matches no upstream tag repository=%s", entry.name)
+            return "error", "no upstream tag matches " + ", ".join(entry.tags)
         return result, error
 
     async def _tags(self, entry: SyncEntry, upstream: Upstream) -> list[str]:
