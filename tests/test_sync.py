@@ -8,15 +8,18 @@ single client request, then that a pull asks upstream nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import yaml
 
@@ -155,9 +158,7 @@ async def test_sync_fetches_chosen_platforms_ahead_and_a_pull_asks_upstream_noth
     # A new image under the same tag is fetched ahead too.
     newer = seed_image(registry, REPO, "1.0", platforms=platforms, layer_sizes=(30_000,))
     await wait_for(lambda: holds_all(storage, newer), INTERVAL + SLACK, "new digest synced")
-    await wait_for(
-        lambda: synced_digest(asyncio_run_status(proxy), "1.0") == newer.digest, 5, "status"
-    )
+    await wait_for(lambda: synced_digest(status_now(proxy), "1.0") == newer.digest, 5, "status")
     upstream.reset()
     await pull_chosen(proxy, newer)
     assert upstream.requests == []
@@ -172,10 +173,8 @@ async def test_sync_fetches_chosen_platforms_ahead_and_a_pull_asks_upstream_noth
     assert took < INTERVAL + SLACK
 
 
-def asyncio_run_status(proxy: ProxyProcess) -> dict[str, Any]:
+def status_now(proxy: ProxyProcess) -> dict[str, Any]:
     """The status document, from synchronous code (a wait_for predicate)."""
-    import urllib.request
-
     with urllib.request.urlopen(f"{proxy.url}/_regproxy/sync", timeout=5) as resp:
         doc: dict[str, Any] = json.loads(resp.read())
     return doc
@@ -188,9 +187,7 @@ async def test_sync_status_command(
     image = seed_image(registry, REPO, "1.2", platforms=CHOSEN)
     proxy = sync_proxy(proxy_factory, upstream, tmp_path)
     await wait_for(lambda: holds_all(proxy.storage, image), INTERVAL + SLACK, "synced")
-    await wait_for(
-        lambda: synced_digest(asyncio_run_status(proxy), "1.2") == image.digest, 5, "status"
-    )
+    await wait_for(lambda: synced_digest(status_now(proxy), "1.2") == image.digest, 5, "status")
     as_json = run_cli("sync", "status", "--proxy", proxy.url, "--json")
     assert as_json.returncode == 0, as_json.stderr
     doc = json.loads(as_json.stdout)
@@ -436,20 +433,20 @@ async def test_sync_keeps_a_synthesized_index_warm(
         )
 
     await wait_for(lambda: synced(arm), INTERVAL + SLACK, "synthesized index synced")
-    await wait_for(lambda: synced_digest(asyncio_run_status(proxy), "1.0") is not None, 5, "status")
+    await wait_for(lambda: synced_digest(status_now(proxy), "1.0") is not None, 5, "status")
     upstream.reset()
-    await pull_synthesized(proxy, amd, arm, synced_digest(asyncio_run_status(proxy), "1.0"))
+    await pull_synthesized(proxy, amd, arm, synced_digest(status_now(proxy), "1.0"))
     assert upstream.requests == [], [(r.method, r.path) for r in upstream.requests]
 
     newer = seed_image(registry, "mixarm/server", "1.0", platforms=("linux/arm64/v8",), single=True)
     await wait_for(lambda: synced(newer), INTERVAL + SLACK, "moved source synced")
     await wait_for(
-        lambda: held(proxy.storage, "manifests", synced_digest(asyncio_run_status(proxy), "1.0")),
+        lambda: held(proxy.storage, "manifests", synced_digest(status_now(proxy), "1.0")),
         5,
         "new index",
     )
     upstream.reset()
-    await pull_synthesized(proxy, amd, newer, synced_digest(asyncio_run_status(proxy), "1.0"))
+    await pull_synthesized(proxy, amd, newer, synced_digest(status_now(proxy), "1.0"))
     assert upstream.requests == [], [(r.method, r.path) for r in upstream.requests]
 
 
@@ -482,9 +479,7 @@ async def test_sync_of_a_single_manifest_survives_a_restart_without_refetching(
         )
 
     await wait_for(synced, INTERVAL + SLACK, "single manifest synced")
-    await wait_for(
-        lambda: synced_digest(asyncio_run_status(proxy), "1.5") == image.digest, 5, "status"
-    )
+    await wait_for(lambda: synced_digest(status_now(proxy), "1.5") == image.digest, 5, "status")
     proxy.stop()
     # Made old while the proxy is down: the next check marks them used again (eviction order).
     files = [content_file(proxy.storage, "blobs", d) for d in image.blobs]
@@ -495,7 +490,7 @@ async def test_sync_of_a_single_manifest_survives_a_restart_without_refetching(
     upstream.reset()
     proxy.start()
     await wait_for(
-        lambda: synced_digest(asyncio_run_status(proxy), "1.5") == image.digest, SLACK, "checked"
+        lambda: synced_digest(status_now(proxy), "1.5") == image.digest, SLACK, "checked"
     )
     # After the restart the check found everything cached: HEADs only, nothing fetched or logged.
     assert upstream.count("GET", "/manifests/") == upstream.count("GET", "/blobs/") == 0
@@ -504,3 +499,25 @@ async def test_sync_of_a_single_manifest_survives_a_restart_without_refetching(
     assert all(path.stat().st_mtime > time.time() - 60 for path in files)
     status, _, body = await fetch(f"{proxy.url}/v2/{REPO}/manifests/1.5")
     assert (status, body) == (200, image.raw)
+
+
+async def test_sync_status_needs_a_login_where_pulls_do(
+    registry: Registry, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{bcrypt.hashpw(b'secret', bcrypt.gensalt(4)).decode()}\n")
+    entry = {"repository": REPO, "tags": ["1.0"], "interval": "1h"}
+    config = write_config(tmp_path / "auth.yml", [entry], auth={"htpasswd": str(htpasswd)})
+    proxy = proxy_factory(registry.url, extra_args=["--config", str(config)])
+    status, headers, body = await fetch(f"{proxy.url}/_regproxy/sync")
+    assert status == 401 and "Basic" in headers["WWW-Authenticate"]
+    login = "Basic " + base64.b64encode(b"alice:secret").decode()
+    status, _, body = await fetch(f"{proxy.url}/_regproxy/sync", headers={"Authorization": login})
+    assert status == 200 and json.loads(body)["entries"][0]["repository"] == REPO
+    # The command takes the login in the URL.
+    authed = proxy.url.replace("http://", "http://alice:secret@")
+    result = run_cli("sync", "status", "--proxy", authed, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["entries"][0]["tag_globs"] == ["1.0"]
+    refused = run_cli("sync", "status", "--proxy", proxy.url)
+    assert refused.returncode == 1 and "401" in refused.stderr
