@@ -11,6 +11,7 @@ Routes::
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
     GET        /_regproxy/peer/blobs/<digest>    another replica streams a download (shared secret)
     GET        /_regproxy/, /_regproxy/api/...   operator's console and its JSON (proxy.console)
+    GET        /_regproxy/sync                   scheduled sync: entries, tags, digests, runs
 
 Every /v2/ request is routed to an upstream (``proxy.routing``), checked against the access rules
 (``proxy.auth``) and, for digests, against what the repository is known to hold (``proxy.links``)
@@ -56,6 +57,7 @@ from proxy.metrics import CONTENT_TYPE_LATEST, Metrics, UsageStats
 from proxy.platforms import PlatformService, accepts_index, load_platforms
 from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
 from proxy.routing import Router
+from proxy.sync import SYNC, SyncService, handle_sync_status
 from proxy.upstream import INDEX_TYPES, Upstream, Upstreams
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
@@ -389,6 +391,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/_regproxy/inspect", handle_inspect)
     app.router.add_get("/_regproxy/peer/blobs/{digest}", handle_peer_blob)
     setup_console(app)  # /_regproxy/ and /_regproxy/api/...: proxy.console
+    app.router.add_get("/_regproxy/sync", handle_sync_status)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
 
@@ -467,9 +470,24 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[USAGE] = usage
     await cache.start()
     saver = asyncio.create_task(_save_usage(usage, upstreams, storage))
+    app[SYNC] = SyncService(
+        config.sync,
+        upstreams=upstreams,
+        manifests=app[MANIFESTS],
+        platforms=app[PLATFORMS],
+        blobs=app[BLOBS],
+        links=app[LINKS],
+        cache=cache,
+        metrics=metrics,
+        redis=redis_client,
+        instance=storage.instance,
+        auth=app[AUTH],
+    )
+    app[SYNC].start()
     try:
         yield
     finally:
+        await app[SYNC].stop()
         saver.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await saver

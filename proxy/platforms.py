@@ -323,13 +323,16 @@ class PlatformService:
         return manifest, [await self._single_entry(upstream, repository, manifest, "upstream")]
 
     async def synthesize(
-        self, upstream: Upstream, repository: str, tag: str, rule: Rule
+        self, upstream: Upstream, repository: str, tag: str, rule: Rule, *, force: bool = False
     ) -> tuple[Manifest, list[Entry]]:
+        """``force``: rebuild even within the tag TTL (scheduled sync does, once it refreshed
+        the tags the index is built from)."""
         key = (upstream.name, repository, tag)
         record = await self.meta.get_record(upstream.name, repository, "synth", tag)
         previous = json.loads(record) if record else None
         if previous and (
-            self.manifests.offline or time.time() - previous["checked_at"] < upstream.config.tag_ttl
+            self.manifests.offline
+            or (not force and time.time() - previous["checked_at"] < upstream.config.tag_ttl)
         ):
             found = await self.manifests.local(previous["digest"])
             if found is not None:
