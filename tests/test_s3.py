@@ -7,6 +7,7 @@ credentials and endpoint come from the standard AWS environment, as in productio
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -343,3 +344,71 @@ def test_bad_credentials_stop_start_up_with_one_line(seaweed: SeaweedS3, tmp_pat
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and bucket in lines[0], proc.stderr
+
+
+async def test_eviction_bounds_the_bucket_and_stats_read_it(
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    tmp_path: Path,
+) -> None:
+    images = [
+        seed_image(
+            registry,
+            f"library/ev{i}",
+            "1",
+            platforms=("linux/amd64",),
+            layer_sizes=(MiB,),
+            single=True,
+        )
+        for i in range(4)
+    ]
+    upstream = front(registry)
+    bucket = seaweed.bucket()
+    limit = 3 * MiB
+    proxy = s3_proxy(
+        proxy_factory, seaweed, bucket, upstream.url, tmp_path / "w", "--max-size", str(limit)
+    )
+
+    def stored() -> int:
+        return sum(
+            size
+            for key, size in seaweed.keys(bucket, "cache/").items()
+            if key.startswith(("cache/blobs/", "cache/manifests/")) and not key.endswith(".type")
+        )
+
+    for image in images:
+        await pull(proxy, image)
+    deadline = time.monotonic() + 30
+    while stored() > limit and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the bucket
+        await asyncio.sleep(0.5)
+    assert 0 < stored() <= limit
+    metrics = (await fetch(f"{proxy.url}/metrics"))[2].decode()
+    assert 'regproxy_evictions_total{kind="blob"}' in metrics
+    # the most recent image is still whole; the oldest was evicted and comes back on demand
+    upstream.reset()
+    await pull(proxy, images[-1])
+    assert upstream.count("GET", "/blobs/") == 0
+    await pull(proxy, images[0])
+    assert upstream.count("GET", "/blobs/") >= 1
+    stats = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "cache",
+            "stats",
+            "--storage",
+            f"s3://{bucket}/cache",
+            "--work-dir",
+            str(tmp_path / "ws"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **seaweed.env()},
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["used_bytes"] == stored()
