@@ -416,7 +416,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
             kwargs["s3"] = _build_s3(location, _mapping(raw.get("s3"), "s3"))
         else:
             kwargs["storage"] = Path(location)
-    elif raw.get("s3"):
+    if raw.get("s3") and "s3" not in kwargs:
         raise ConfigError("storage", "set storage: s3://BUCKET/PREFIX to use the s3 section")
     work: dict[str, Any] = {}
     if raw.get("work_dir"):
