@@ -10,6 +10,10 @@ seeded_registry    session    one registry holding ``STANDARD_IMAGES`` (``Seeded
 token_registry     function   registry behind a ``TokenIssuer`` with one image (``TokenRegistry``)
 front              function   factory: ``front(upstream) -> Front`` (started, stopped at teardown)
 proxy_factory      function   factory: ``proxy_factory(upstream_url, **kw) -> ProxyProcess``
+seaweed            session    one SeaweedFS ``weed mini`` S3 store (``SeaweedS3``); never stop it
+s3                 function   a fresh bucket + prefix on ``seaweed`` (``S3Location``; ``.url``
+                              is ``s3://BUCKET/PREFIX``, ``.env()`` the proxy's AWS_* variables)
+s3_front           function   factory: ``s3_front() -> S3Front`` before ``seaweed`` (faults, counts)
 =================  =========  ==============================================================
 
 Every server listens on 127.0.0.1 only and is stopped by the fixture that started it.
@@ -30,6 +34,8 @@ from tests.harness.images import SeededRegistry, seed_image, seed_standard_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry, start_registry
+from tests.harness.s3front import S3Front
+from tests.harness.seaweed import S3Location, SeaweedS3, empty_bucket
 from tests.harness.tokens import TokenIssuer, TokenRegistry
 
 
@@ -134,3 +140,47 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """The shared SeaweedFS S3 store. Tests use their own bucket (``s3``); never stop it."""
+    store = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    try:
+        store.start()
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def s3(seaweed: SeaweedS3) -> Iterator[S3Location]:
+    """A fresh bucket and prefix on the shared store, emptied and deleted at teardown.
+
+    Starts the store again first if an earlier test stopped or killed it (``start()`` is
+    idempotent and keeps the endpoint and data).
+    """
+    seaweed.start()
+    bucket = seaweed.create_bucket()
+    try:
+        yield S3Location(seaweed, bucket, "regproxy")
+    finally:
+        empty_bucket(seaweed, bucket)
+
+
+@pytest.fixture
+def s3_front(seaweed: SeaweedS3) -> Iterator[Callable[[], S3Front]]:
+    """Factory: ``s3_front()`` starts an ``S3Front`` before the shared store (stopped after)."""
+    started: list[S3Front] = []
+
+    def make() -> S3Front:
+        instance = S3Front(seaweed.endpoint)
+        started.append(instance)
+        instance.start()
+        return instance
+
+    try:
+        yield make
+    finally:
+        for instance in reversed(started):
+            instance.stop()
