@@ -10,7 +10,9 @@ seeded_registry    session    one registry holding ``STANDARD_IMAGES`` (``Seeded
 token_registry     function   registry behind a ``TokenIssuer`` with one image (``TokenRegistry``)
 front              function   factory: ``front(upstream) -> Front`` (started, stopped at teardown)
 proxy_factory      function   factory: ``proxy_factory(upstream_url, **kw) -> ProxyProcess``
-seaweed            session    one SeaweedFS ``weed mini`` S3 store (``SeaweedS3``); never stop it
+seaweed            session    one SeaweedFS ``weed mini`` S3 store (``SeaweedS3``); a test that
+                              stops it starts it again (``s3`` does too); bucket per test:
+                              ``s3`` or ``seaweed.bucket()``
 s3                 function   a fresh bucket + prefix on ``seaweed`` (``S3Location``; ``.url``
                               is ``s3://BUCKET/PREFIX``, ``.env()`` the proxy's AWS_* variables)
 s3_front           function   factory: ``s3_front() -> S3Front`` before ``seaweed`` (faults, counts)

@@ -102,7 +102,7 @@ def test_credentials_come_from_the_environment_given(s3: S3Location) -> None:
 
 
 def test_multipart_upload_is_listed_until_completed_then_readable(s3: S3Location) -> None:
-    client = s3.store.client
+    client = s3.store.client()
     parts = [os.urandom(5 * MiB), os.urandom(123_457)]
     key = s3.key("blobs/sha256/ab/big")
     upload_id = client.create_multipart_upload(Bucket=s3.bucket, Key=key)["UploadId"]
@@ -135,8 +135,8 @@ def test_kill_and_start_keep_endpoint_data_and_incomplete_uploads(
     with SeaweedS3(tmp_path / "own") as store:
         bucket = store.create_bucket()
         store.put_object(bucket, "p/kept", b"kept bytes")
-        upload_id = store.client.create_multipart_upload(Bucket=bucket, Key="p/half")["UploadId"]
-        store.client.upload_part(
+        upload_id = store.client().create_multipart_upload(Bucket=bucket, Key="p/half")["UploadId"]
+        store.client().upload_part(
             Bucket=bucket, Key="p/half", UploadId=upload_id, PartNumber=1, Body=b"h" * 5000
         )
         endpoint = store.endpoint

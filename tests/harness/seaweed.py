@@ -254,7 +254,7 @@ class SeaweedS3:
         return self
 
     def _wait_ready(self, deadline: float) -> None:
-        client = self.client
+        client = self.client()
         last: Exception | None = None
         while time.monotonic() < deadline:
             assert self._proc is not None
@@ -323,9 +323,8 @@ class SeaweedS3:
 
     # -- assertions helpers ----------------------------------------------------------------------
 
-    @property
     def client(self) -> Any:
-        """A botocore S3 client with the store's credentials (shared; thread-safe)."""
+        """A botocore S3 client with the store's credentials (one, shared; thread-safe)."""
         if self._client is None:
             self._client = make_client(self.endpoint, self.access_key_id, self.secret_access_key)
         return self._client
@@ -333,20 +332,37 @@ class SeaweedS3:
     def create_bucket(self, name: str | None = None) -> str:
         """Create bucket *name* (default: a fresh random name) and return its name."""
         name = name or f"t-{secrets.token_hex(6)}"
-        self.client.create_bucket(Bucket=name)
+        self.client().create_bucket(Bucket=name)
         return name
+
+    def bucket(self) -> str:
+        """Create a bucket with a fresh random name and return the name."""
+        return self.create_bucket()
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """Every key under *prefix* with its size (all pages)."""
+        found: dict[str, int] = {}
+        paginator = self.client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", ()):
+                found[item["Key"]] = int(item["Size"])
+        return found
+
+    def uploads(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+        """Incomplete multipart uploads (same as ``list_multipart_uploads``)."""
+        return self.list_multipart_uploads(bucket, prefix)
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
         """Every key under *prefix*, sorted (all pages)."""
         keys: list[str] = []
-        paginator = self.client.get_paginator("list_objects_v2")
+        paginator = self.client().get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             keys.extend(item["Key"] for item in page.get("Contents", ()))
         return sorted(keys)
 
     def get_object(self, bucket: str, key: str) -> bytes:
         """The object's bytes (raises ``botocore.exceptions.ClientError`` NoSuchKey if absent)."""
-        response = self.client.get_object(Bucket=bucket, Key=key)
+        response = self.client().get_object(Bucket=bucket, Key=key)
         with contextlib.closing(response["Body"]) as body:
             data: bytes = body.read()
             return data
@@ -354,7 +370,7 @@ class SeaweedS3:
     def head_object(self, bucket: str, key: str) -> dict[str, Any] | None:
         """The object's metadata, or None when it does not exist."""
         try:
-            head: dict[str, Any] = self.client.head_object(Bucket=bucket, Key=key)
+            head: dict[str, Any] = self.client().head_object(Bucket=bucket, Key=key)
             return head
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
@@ -364,14 +380,14 @@ class SeaweedS3:
     def put_object(
         self, bucket: str, key: str, data: bytes, metadata: Mapping[str, str] | None = None
     ) -> None:
-        self.client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=dict(metadata or {}))
+        self.client().put_object(Bucket=bucket, Key=key, Body=data, Metadata=dict(metadata or {}))
 
     def delete_object(self, bucket: str, key: str) -> None:
-        self.client.delete_object(Bucket=bucket, Key=key)
+        self.client().delete_object(Bucket=bucket, Key=key)
 
     def list_multipart_uploads(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
         """Incomplete multipart uploads under *prefix* (``Key``, ``UploadId``, ``Initiated``)."""
-        response = self.client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+        response = self.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
         uploads: list[dict[str, Any]] = response.get("Uploads", [])
         return uploads
 
@@ -423,7 +439,7 @@ class S3Location:
 
 def empty_bucket(store: SeaweedS3, bucket: str) -> None:
     """Abort incomplete uploads and delete every object, then the bucket (best effort)."""
-    client = store.client
+    client = store.client()
     with contextlib.suppress(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
         for upload in store.list_multipart_uploads(bucket):
             client.abort_multipart_upload(
