@@ -146,7 +146,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    """The shared SeaweedFS S3 store. Tests use their own bucket (``s3``); never stop it."""
+    """The shared SeaweedFS S3 store; a test that stops or kills it must ``start()`` it again."""
     store = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
     try:
         store.start()

@@ -1,8 +1,9 @@
 """The benchmark still runs: ``python -m bench --quick`` end to end, every figure in its JSON.
 
 Tiny sizes and 1-second load runs (well under a minute); no figure is judged here — the targets
-are benchmark targets, not assertions. What is asserted is that the run stands up the four
-servers, measures every figure for every subject, writes JSON and Markdown, and stops everything.
+are benchmark targets, not assertions. What is asserted is that the run stands up the servers
+(SeaweedFS and the two caches on it included), measures every figure for every subject, writes
+JSON and Markdown, and stops everything.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "stream_cpu": ("distribution", "regproxy"),
     "stream_speed": ("distribution", "regproxy"),
     "stream_rss_large": ("distribution", "regproxy"),
+    # On one SeaweedFS store: distribution = its s3 driver, regproxy = --storage s3://.
+    "s3_warm_blob_small": ("distribution", "regproxy"),
+    "s3_warm_blob_large": ("distribution", "regproxy"),
+    "s3_cold_pull": ("distribution", "regproxy", "regproxy-fs"),
+    "s3_stream_rss": ("distribution", "regproxy"),
+    "s3_stream_speed": ("distribution", "regproxy"),
+    "s3_stream_rss_large": ("distribution", "regproxy"),
 }
 
 TARGETS = {
@@ -42,6 +50,10 @@ TARGETS = {
     "concurrent_pull_upstream",
     "stream_rss",
     "stream_rss_large",
+    "s3_warm_blob_small",
+    "s3_warm_blob_large",
+    "s3_cold_pull",
+    "s3_stream_rss_large",
 }
 
 
@@ -61,7 +73,7 @@ def _servers_left(workdir: Path) -> list[str]:
 
 
 def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
-    for tool in ("docker-registry", "nginx", "wrk", "skopeo", "curl"):
+    for tool in ("docker-registry", "nginx", "wrk", "skopeo", "curl", "weed"):
         require_tool(tool)
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
