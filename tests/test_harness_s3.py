@@ -7,6 +7,7 @@ store, and a front that injects faults and counts requests without breaking SigV
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -16,6 +17,9 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
+from tests.harness.images import seed_image
+from tests.harness.proxyproc import ProxyProcess
+from tests.harness.registry import Registry
 from tests.harness.s3front import (
     CutAfter,
     Drop,
@@ -23,10 +27,12 @@ from tests.harness.s3front import (
     Stall,
     complete_upload,
     get_object,
+    put_object,
     s3_error,
     upload_part,
 )
 from tests.harness.seaweed import S3Location, SeaweedS3, make_client
+from tests.test_read_path import fetch, sha256
 
 MiB = 1024 * 1024
 
@@ -220,3 +226,36 @@ def test_front_delays_drops_and_cuts(s3: S3Location, s3_front: Callable[[], S3Fr
         body.read()  # Content-Length promised 2 MiB; 100 kB came, then the connection closed
     assert [r.fault for r in front.requests] == ["Stall", "Drop", "CutAfter"]
     client.close()
+
+
+async def test_proxy_s3_client_works_through_the_front(
+    registry: Registry,
+    proxy_factory: Callable[..., ProxyProcess],
+    s3: S3Location,
+    s3_front: Callable[[], S3Front],
+    tmp_path: Path,
+) -> None:
+    """regproxy's own S3 client (SigV4 over aiobotocore) is unaware of the front: its writes
+    land in the bucket under the agreed key layout, and the front sees and counts them."""
+    image = seed_image(
+        registry, "library/s3front", "1", ("linux/amd64",), single=True, layer_sizes=(6 * MiB,)
+    )
+    front = s3_front()
+    proxy = proxy_factory(
+        registry.url,
+        storage=tmp_path / "unused",
+        extra_args=["--storage", s3.url, "--work-dir", str(tmp_path / "work")],
+        env=s3.env(front.url),
+    )
+    layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    assert len(image.blobs[layer]) > 5 * MiB
+    status, _, body = await fetch(f"{proxy.url}/v2/library/s3front/blobs/{layer}")
+    assert status == 200 and sha256(body) == layer
+
+    for _ in range(300):  # the upload completes after the client's last byte: up to 30 s
+        if s3.blob_key(layer) in s3.list_keys():
+            break
+        await asyncio.sleep(0.1)
+    assert s3.get_object(s3.blob_key(layer)) == body
+    assert front.count(match=upload_part) + front.count(match=put_object) >= 1
+    assert not [r for r in front.requests if r.status == 403], "a signature broke on the way"
