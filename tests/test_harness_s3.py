@@ -23,6 +23,7 @@ from tests.harness.registry import Registry
 from tests.harness.s3front import (
     CutAfter,
     Drop,
+    DropAfterBody,
     S3Front,
     Stall,
     complete_upload,
@@ -225,6 +226,18 @@ def test_front_delays_drops_and_cuts(s3: S3Location, s3_front: Callable[[], S3Fr
     with pytest.raises(botocore.exceptions.BotoCoreError):
         body.read()  # Content-Length promised 2 MiB; 100 kB came, then the connection closed
     assert [r.fault for r in front.requests] == ["Stall", "Drop", "CutAfter"]
+
+    # The store "dies" 1 MiB into an upload part: no answer, and nothing stored or completed.
+    upload_id = client.create_multipart_upload(Bucket=s3.bucket, Key=s3.key("m"))["UploadId"]
+    front.add_fault(upload_part, DropAfterBody(MiB))
+    with pytest.raises(botocore.exceptions.BotoCoreError):
+        client.upload_part(
+            Bucket=s3.bucket, Key=s3.key("m"), UploadId=upload_id, PartNumber=1, Body=data
+        )
+    assert front.requests[-1].fault == "DropAfterBody"
+    assert s3.store.head_object(s3.bucket, s3.key("m")) is None
+    parts = s3.store.client().list_parts(Bucket=s3.bucket, Key=s3.key("m"), UploadId=upload_id)
+    assert parts.get("Parts", []) == []
     client.close()
 
 
@@ -244,7 +257,7 @@ async def test_proxy_s3_client_works_through_the_front(
     proxy = proxy_factory(
         registry.url,
         storage=tmp_path / "unused",
-        extra_args=["--storage", s3.url, "--work-dir", str(tmp_path / "work")],
+        extra_args=s3.proxy_args(tmp_path / "work"),
         env=s3.env(front.url),
     )
     layer = max(image.blobs, key=lambda d: len(image.blobs[d]))

@@ -14,6 +14,8 @@ It is ``front.Front``'s sibling for S3 and reuses its vocabulary: ``Req`` record
   XML error an object store sends, e.g. ``s3_error(500)``, ``s3_error(503, "SlowDown")``);
 * ``Stall(seconds)``: sleep, then forward (a slow object store);
 * ``Drop()``: close the connection without any answer, request body unread (a store that died);
+* ``DropAfterBody(n)``: read *n* bytes of the request body, then close without an answer (the
+  store dying in the middle of an upload part);
 * ``CutAfter(n)``: on a 2xx answer to a GET, send the real headers and *n* body bytes, then close.
 
 S3 signatures (SigV4) cover the ``Host`` header, so unlike ``Front`` this one forwards the
@@ -40,6 +42,7 @@ from yarl import URL
 
 from tests.harness._loop import BackgroundServer
 from tests.harness.front import (
+    CHUNK,
     HOP_BY_HOP,
     CutAfter,
     Fault,
@@ -59,6 +62,7 @@ from tests.harness.front import (
 __all__ = [
     "CutAfter",
     "Drop",
+    "DropAfterBody",
     "S3Front",
     "Stall",
     "Status",
@@ -75,6 +79,13 @@ __all__ = [
 @dataclass(frozen=True)
 class Drop(Fault):
     """Close the client connection at once: no status line, request body left unread."""
+
+
+@dataclass(frozen=True)
+class DropAfterBody(Fault):
+    """Read *n_bytes* of the request body (all of it if shorter), then close: no answer."""
+
+    n_bytes: int
 
 
 def s3_error(code: int = 500, name: str | None = None, message: str = "injected fault") -> Status:
@@ -233,7 +244,14 @@ class S3Front(BackgroundServer):
         if isinstance(fault, Status):
             req.status = fault.code
             return _status_response(fault, request.method)
-        if isinstance(fault, Drop):
+        if isinstance(fault, DropAfterBody):
+            received = 0
+            while received < fault.n_bytes:
+                chunk = await request.content.read(min(CHUNK, fault.n_bytes - received))
+                if not chunk:
+                    break
+                received += len(chunk)
+        if isinstance(fault, Drop | DropAfterBody):
             _abort(request)
             return web.Response(status=500)  # never sent: the transport is closed
         if isinstance(fault, Stall):

@@ -409,6 +409,10 @@ class S3Location:
         """``s3://BUCKET/PREFIX``."""
         return f"s3://{self.bucket}/{self.prefix}"
 
+    def proxy_args(self, work_dir: Path) -> list[str]:
+        """``regproxy serve`` arguments for this location: ``--storage URL --work-dir DIR``."""
+        return ["--storage", self.url, "--work-dir", str(work_dir)]
+
     def key(self, *parts: str) -> str:
         """``PREFIX/part/part…``."""
         return "/".join([self.prefix, *parts])
