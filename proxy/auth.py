@@ -9,6 +9,7 @@ Off unless configured::
           repositories: ["docker.io/library/*"]
         - users: ["*"]
           repositories: ["*"]
+      admins: [alice]                      # may open the console (/_regproxy/); default none
 
 Without ``rules``, logged-in users may pull everything and anonymous clients nothing (when an
 htpasswd file is set) or everything (when not). A request is checked before anything is looked
@@ -60,6 +61,8 @@ class Rule:
 class AuthConfig:
     htpasswd: Path | None = None
     rules: tuple[Rule, ...] = ()
+    #: Users who may open the operator's console (``proxy.console``); defaults to none.
+    admins: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -67,7 +70,7 @@ class AuthConfig:
 
 
 def load_auth(section: Mapping[str, Any]) -> AuthConfig:
-    unknown = set(section) - {"htpasswd", "rules"}
+    unknown = set(section) - {"htpasswd", "rules", "admins"}
     if unknown:
         raise ConfigError(f"auth.{sorted(unknown)[0]}", "unknown setting")
     htpasswd = Path(str(section["htpasswd"])) if section.get("htpasswd") else None
@@ -90,7 +93,12 @@ def load_auth(section: Mapping[str, Any]) -> AuthConfig:
         if not repos or not isinstance(repos, list):
             raise ConfigError(f"{key}.repositories", "must list upstream/repository globs")
         rules.append(Rule(tuple(map(str, users)), tuple(map(str, repos))))
-    return AuthConfig(htpasswd, tuple(rules))
+    admins = section.get("admins") or []
+    if isinstance(admins, str):
+        admins = [admins]
+    if not isinstance(admins, list):
+        raise ConfigError("auth.admins", "must list user names")
+    return AuthConfig(htpasswd, tuple(rules), tuple(map(str, admins)))
 
 
 def read_htpasswd(path: Path) -> dict[str, bytes]:
@@ -152,6 +160,10 @@ class Authenticator:
             return None
         self._verified[fingerprint] = user
         return user
+
+    def is_admin(self, user: str | None) -> bool:
+        """May ``user`` (already authenticated) open the operator's console?"""
+        return user is not None and user in self.config.admins
 
     def allowed(self, user: str | None, upstream: str, repository: str) -> bool:
         target = f"{upstream}/{repository}"

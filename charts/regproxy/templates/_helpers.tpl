@@ -190,6 +190,8 @@ cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence
 {{- $_ := set $cfg "redis" (dict "url" $v.redis.url) }}
 {{- end }}
 {{- with $v.platforms }}{{ $_ := set $cfg "platforms" . }}{{ end }}
+{{- with $v.sync }}{{ $_ := set $cfg "sync" . }}{{ end }}
+{{- with $v.syncRatelimitFloor }}{{ $_ := set $cfg "sync_ratelimit_floor" (toString .) }}{{ end }}
 {{- toYaml (mergeOverwrite $cfg (deepCopy $v.extraConfig)) }}
 {{- end }}
 
