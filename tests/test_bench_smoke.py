@@ -129,3 +129,51 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
     table = md.read_text()
     assert table.startswith("Command: `python -m bench --quick")
     assert "| Warm blob" in table and "Machine:" in table
+
+
+def test_a_subject_that_failed_is_reported_with_its_reason() -> None:
+    """A row whose subject could not run says why, instead of a number or a crash."""
+    from bench.report import Figure, Target, markdown
+
+    fig = Figure("s3_warm_blob_small", "On S3: warm blob 1 MiB", "MB/s", "higher")
+    fig.add("distribution", 67.0)
+    fig.errors["regproxy"] = "regproxy-s3 did not start: error: unrecognized | --work-dir"
+    target = Target("s3_warm_blob_small", "≥ 5x distribution-on-S3", fig.ratio("regproxy"), ">=", 5)
+    meta = {
+        "command": "python -m bench --only s3",
+        "started": "now",
+        "duration_s": 1.0,
+        "machine": {
+            k: "?"
+            for k in (
+                "cpu",
+                "cores",
+                "memory_gb",
+                "os",
+                "kernel",
+                "python",
+                "aiohttp",
+                "uvloop",
+                "distribution",
+                "nginx",
+                "wrk",
+                "skopeo",
+                "curl",
+                "regproxy_commit",
+                "loadavg_start",
+            )
+        },
+        "params": {
+            "repeat": 1,
+            "connections": 1,
+            "seconds": 1,
+            "blob_client": "bigload",
+            "threads": 1,
+            "image_desc": "-",
+        },
+    }
+    (row,) = [ln for ln in markdown([fig], [target], meta).splitlines() if "warm blob" in ln]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "67.0"
+    assert cells[2] == "failed: regproxy-s3 did not start: error: unrecognized / --work-dir"
+    assert cells[4].endswith("n/a")
