@@ -416,16 +416,18 @@ async def stream_download(
         # sendfile needs a known length (no chunked framing) and a plain TCP transport
         zero_copy = dl.size is not None and can_sendfile(request.transport)
         while True:
-            if dl.error is not None:
+            if dl.error is not None and not dl.verified:
                 raise _Aborted(dl.error)
-            # Until commit, keep the final byte back: a wrong blob must never look complete.
-            limit = dl.written if dl.committed else dl.written - 1
+            # Until verified, keep the final byte back: a wrong blob must never look complete.
+            # Once verified, the local file holds the whole blob, whatever becomes of the upload.
+            done = dl.verified or dl.committed
+            limit = dl.written if done else dl.written - 1
             if offset < limit:
                 offset += await _send_range(
                     request, resp, writer, fd, offset, limit - offset, zero_copy
                 )
                 continue
-            if dl.committed:
+            if done:
                 break
             await dl.wait_change()
         await resp.write_eof()

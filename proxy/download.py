@@ -85,6 +85,9 @@ class Download:
     size: int | None = None
     #: Bytes in the local file so far.
     written: int = 0
+    #: Size and digest checked: every byte in the local file may go out, even if making it
+    #: durable (the S3 upload's completion) is still under way or fails.
+    verified: bool = False
     committed: bool = False
     error: BaseException | None = None
     writer: BlobWriter | None = None
@@ -213,12 +216,19 @@ class Downloads:
 
     async def _commit(self, dl: Download) -> None:
         assert dl.writer is not None
+
+        def verified() -> None:
+            dl.verified = True
+            dl.notify()
+
         try:
-            await dl.writer.commit(dl.digest, dl.size)
+            await dl.writer.commit(dl.digest, dl.size, verified=verified)
         except DigestMismatch as exc:
             raise UpstreamContentError(str(exc), upstream=dl.upstream.name) from exc
         dl.committed = True
         dl.notify()
+        # served: recent for eviction (the object store's own mtime has 1 s resolution)
+        self.store.accessed("blobs", dl.digest)
 
     # -- from upstream -------------------------------------------------------------------------
 

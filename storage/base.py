@@ -51,11 +51,19 @@ class BlobWriter(Protocol):
     async def write(self, data: bytes) -> None:
         """Append ``data``. Raises StorageError (disk full, object store away)."""
 
-    async def commit(self, expected_digest: str, expected_size: int | None = None) -> None:
+    async def commit(
+        self,
+        expected_digest: str,
+        expected_size: int | None = None,
+        *,
+        verified: Callable[[], None] | None = None,
+    ) -> None:
         """Verify size and digest, then make the object durable and visible under its key.
 
-        Raises DigestMismatch (after cancelling) if the bytes do not match, StorageError if the
-        backend fails (also after cancelling: nothing is left half-visible).
+        ``verified`` is called as soon as the bytes are known good, before a slow publication
+        (an S3 upload's completion), so readers of ``path`` may finish. Raises DigestMismatch (after
+        cancelling) if the bytes do not match, StorageError if the backend fails (also after
+        cancelling: nothing is left half-visible).
         """
 
     async def cancel(self) -> None:

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CHUNK = 256 * 1024
 #: Parts uploading at once per blob (each holds one part in memory while it is sent).
-PARTS_IN_FLIGHT = 2
+PARTS_IN_FLIGHT = 4
 #: Multipart uploads older than this under the prefix are taken as abandoned at start.
 ABANDONED_AFTER = 24 * 3600.0
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
@@ -65,6 +65,8 @@ class _Missing(Exception):
 
 class S3Writer(SpoolWriter):
     """Spool locally and upload full parts as they fill; complete only after verification."""
+
+    slow_publish = True
 
     def __init__(self, driver: S3Driver, key: str, algorithm: str) -> None:
         super().__init__(driver.tmp_dir, key, algorithm)

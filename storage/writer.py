@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from storage.errors import DigestMismatch, StorageError
@@ -30,6 +31,11 @@ def os_error(message: str, path: object, exc: OSError, op: str) -> StorageError:
 
 class SpoolWriter:
     """Spools to a local file and hashes; subclasses publish the verified result."""
+
+    #: Publishing takes long (an upload's last part and completion): readers are told the
+    #: bytes are good before it, through ``commit(verified=...)``. A local rename is quick, so
+    #: the filesystem makes readers wait for the committed file instead.
+    slow_publish = False
 
     def __init__(self, tmp_dir: Path, key: str, algorithm: str) -> None:
         self.key = key
@@ -57,7 +63,13 @@ class SpoolWriter:
         before, self.size = self.size, self.size + len(data)
         await self._written(before)
 
-    async def commit(self, expected_digest: str, expected_size: int | None = None) -> None:
+    async def commit(
+        self,
+        expected_digest: str,
+        expected_size: int | None = None,
+        *,
+        verified: Callable[[], None] | None = None,
+    ) -> None:
         if self._state != "open":
             raise StorageError("commit after commit or cancel", path=str(self.path), op="write")
         actual = f"{self.algorithm}:{self._hash.hexdigest()}"
@@ -69,6 +81,8 @@ class SpoolWriter:
         if problem is not None:
             await self.cancel()
             raise DigestMismatch(problem)
+        if verified is not None and self.slow_publish:
+            verified()
         try:
             await self._publish()
         except BaseException:

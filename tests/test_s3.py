@@ -36,6 +36,18 @@ def blob_key(digest: str) -> str:
     return f"cache/blobs/sha256/{digest[7:9]}/{digest[7:]}"
 
 
+async def stored(seaweed: SeaweedS3, bucket: str, *digests: str) -> None:
+    """Wait (bounded) until these blobs are in the bucket and no upload is in progress: clients
+    get their verified last byte just before the upload's completion."""
+    keys = {blob_key(d) for d in digests}
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if keys <= seaweed.keys(bucket, "cache/").keys() and not seaweed.uploads(bucket):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not stored in time: {keys}")
+
+
 def s3_proxy(
     proxy_factory: ProxyFactory,
     seaweed: SeaweedS3,
@@ -73,6 +85,7 @@ async def test_pull_through_s3_then_a_fresh_replica_serves_it_all(
     for platform in image.children:
         await pull(first, image, platform)
     # every blob sits under its content key with exactly its bytes
+    await stored(seaweed, bucket, *image.blobs)
     keys = seaweed.keys(bucket, "cache/")
     for digest, data in image.blobs.items():
         assert keys[blob_key(digest)] == len(data)
@@ -138,7 +151,7 @@ async def test_three_replicas_one_upstream_get_per_blob(
         assert status == 200 and sha256(body) == digest
         assert headers["Docker-Content-Digest"] == digest
     assert upstream.count("GET", f"/blobs/{digest}") == 1
-    assert seaweed.uploads(bucket) == []
+    await stored(seaweed, bucket, digest)
     # a tag fetched by one replica is served by the others without asking upstream
     status, _, body = await fetch(f"{replicas[0].url}/v2/library/fleet/manifests/1")
     assert (status, body) == (200, image.raw)
@@ -164,6 +177,7 @@ async def test_corrupted_object_is_never_served_and_is_replaced(
     bucket = seaweed.bucket()
     first = s3_proxy(proxy_factory, seaweed, bucket, upstream.url, tmp_path / "w1")
     await pull(first, image)
+    await stored(seaweed, bucket, digest)
     flipped = bytearray(image.blobs[digest])
     flipped[len(flipped) // 2] ^= 0xFF
     seaweed.client().put_object(Bucket=bucket, Key=blob_key(digest), Body=bytes(flipped))
@@ -175,6 +189,7 @@ async def test_corrupted_object_is_never_served_and_is_replaced(
     assert blob_key(digest) not in seaweed.keys(bucket, "cache/")  # removed, not kept
     status, _, body = await fetch(url)  # fetched again from upstream
     assert status == 200 and body == image.blobs[digest]
+    await stored(seaweed, bucket, digest)
     got = seaweed.client().get_object(Bucket=bucket, Key=blob_key(digest))["Body"].read()
     assert got == image.blobs[digest]
     # verify finds and removes a corrupted object, and says so with exit 1
@@ -278,6 +293,7 @@ async def test_redirect_to_presigned_url(
     bucket = seaweed.bucket()
     first = s3_proxy(proxy_factory, seaweed, bucket, upstream.url, tmp_path / "w1")
     await pull(first, image)
+    await stored(seaweed, bucket, *image.blobs)
     second = s3_proxy(
         proxy_factory,
         seaweed,
