@@ -337,6 +337,7 @@ class S3Driver:
             code = str(error.get("Code", ""))
             if code in _NOT_FOUND:
                 status = "not_found"
+                self._down_until = 0.0  # it answered: reachable
                 raise _Missing(code) from exc
             status = "error"
             http = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
@@ -529,4 +530,5 @@ class S3Driver:
                 lambda: self._client.abort_multipart_upload(
                     Bucket=self.bucket, Key=full, UploadId=upload_id
                 ),
+                probe=True,  # cleanup is worth a try even while the store looks down
             )

@@ -1,0 +1,141 @@
+"""The object store misbehaving under a cold pull: 500s, a store that dies mid-part, a slow store.
+
+Between the proxy and SeaweedFS sits ``S3Front`` (``tests/harness/s3front.py``). Whatever the
+store does, the client gets exactly the blob's bytes (or a cut connection, never wrong bytes), no
+object ever appears under a digest it does not hash to, and no multipart upload is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from storage.s3 import DOWN_FOR
+from tests.harness.front import Fault, Front, Stall
+from tests.harness.images import seed_image
+from tests.harness.proxyproc import ProxyProcess
+from tests.harness.registry import Registry
+from tests.harness.s3front import (
+    DropAfterBody,
+    S3Front,
+    complete_upload,
+    put_object,
+    s3_error,
+    upload_part,
+)
+from tests.harness.seaweed import SeaweedS3
+from tests.test_read_path import fetch
+from tests.test_s3 import MiB, blob_key, s3_proxy, stored
+
+ProxyFactory = Callable[..., ProxyProcess]
+FrontFactory = Callable[..., Front]
+
+
+async def in_flight(proxy: ProxyProcess) -> bool:
+    metrics = (await fetch(f"{proxy.url}/metrics"))[2].decode()
+    return "regproxy_inflight_downloads 0.0" not in metrics
+
+
+@pytest.mark.parametrize(
+    ("size", "match", "fault"),
+    [
+        (20 * MiB, upload_part, s3_error(500)),  # every part refused
+        (20 * MiB, upload_part, DropAfterBody(1024 * 1024)),  # the store dies mid-part
+        (20 * MiB, complete_upload, s3_error(503, "SlowDown")),  # cannot complete
+        (300_000, put_object, s3_error(500)),  # a small blob's single PUT refused
+    ],
+    ids=["part-500", "part-dropped", "complete-503", "put-500"],
+)
+async def test_store_failing_an_upload_never_fails_the_pull(
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    s3_front: Callable[[], S3Front],
+    tmp_path: Path,
+    size: int,
+    match: Callable[..., bool],
+    fault: Fault,
+) -> None:
+    image = seed_image(
+        registry, "library/flaky", "1", platforms=("linux/amd64",), layer_sizes=(size,)
+    )
+    digest = image.child("linux/amd64").layers[0]
+    upstream = front(registry)
+    store = s3_front()
+    bucket = seaweed.bucket()
+    proxy = s3_proxy(
+        proxy_factory,
+        seaweed,
+        bucket,
+        upstream.url,
+        tmp_path / "w",
+        env={"AWS_ENDPOINT_URL": store.url},
+    )
+    store.add_fault(match, fault, times=100)
+    url = f"{proxy.url}/v2/library/flaky/blobs/{digest}"
+    status, _, body = await fetch(url)
+    assert status == 200 and body == image.blobs[digest]
+    # the client may have its verified bytes before the store is asked to complete (and retries
+    # take a while): wait for the download to give up, its upload aborted, the error counted
+    deadline = time.monotonic() + 20
+    errors: list[str] = []
+    while time.monotonic() < deadline:
+        metrics = (await fetch(f"{proxy.url}/metrics"))[2].decode()
+        errors = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("regproxy_storage_requests_total{") and 'status="error"' in line
+        ]
+        if errors and not seaweed.uploads(bucket) and not await in_flight(proxy):
+            break
+        await asyncio.sleep(0.2)
+    assert errors
+    assert store.count(match=match) > 0
+    assert seaweed.uploads(bucket) == []  # aborted, not left to cost storage
+    assert blob_key(digest) not in seaweed.keys(bucket, "cache/")
+    # once the store behaves, the blob is fetched and stored like any miss
+    store.clear_faults()
+    await asyncio.sleep(DOWN_FOR + 0.5)  # after a failure, requests fail fast this long
+    before = upstream.count("GET", f"/blobs/{digest}")
+    status, _, body = await fetch(url)
+    assert status == 200 and body == image.blobs[digest]
+    assert upstream.count("GET", f"/blobs/{digest}") == before + 1
+    await stored(seaweed, bucket, digest)
+    got = seaweed.client().get_object(Bucket=bucket, Key=blob_key(digest))["Body"].read()
+    assert got == image.blobs[digest]
+
+
+async def test_slow_store_still_streams_the_cold_blob(
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    s3_front: Callable[[], S3Front],
+    tmp_path: Path,
+) -> None:
+    image = seed_image(
+        registry, "library/slowstore", "1", platforms=("linux/amd64",), layer_sizes=(18 * MiB,)
+    )
+    digest = image.child("linux/amd64").layers[0]
+    upstream = front(registry)
+    store = s3_front()
+    bucket = seaweed.bucket()
+    proxy = s3_proxy(
+        proxy_factory,
+        seaweed,
+        bucket,
+        upstream.url,
+        tmp_path / "w",
+        env={"AWS_ENDPOINT_URL": store.url},
+    )
+    store.add_fault(upload_part, Stall(1.5), times=100)
+    status, _, body = await fetch(f"{proxy.url}/v2/library/slowstore/blobs/{digest}")
+    assert status == 200 and body == image.blobs[digest]
+    await stored(seaweed, bucket, digest)
+    assert store.count() >= 3  # create, parts, complete all went through the slow store
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
