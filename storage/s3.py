@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CHUNK = 256 * 1024
-#: Parts uploading at once per blob (each holds one part in memory while it is sent).
-PARTS_IN_FLIGHT = 4
+#: Parts uploading at once per process (each holds one part in memory while it is sent).
+PARTS_IN_FLIGHT = 6
 #: Multipart uploads older than this under the prefix are taken as abandoned at start.
 ABANDONED_AFTER = 24 * 3600.0
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
@@ -83,17 +83,21 @@ class S3Writer(SpoolWriter):
             await self._start_part(self._sent, part)
 
     async def _start_part(self, offset: int, length: int) -> None:
+        """Queue one part. Its bytes are read back from the spool when a slot is free, so the
+        download never waits for the object store: the upload catches up behind it, and memory
+        holds at most ``PARTS_IN_FLIGHT`` parts per process."""
         if self._upload_id is None:
             self._upload_id = await self._driver.create_upload(self.key)
             self._record.write_text(json.dumps({"key": self.key, "upload_id": self._upload_id}))
-        while len(self._pending) >= PARTS_IN_FLIGHT:
-            self._parts.append(await self._pending.pop(0))
-        number = len(self._parts) + len(self._pending) + 1
+        number = len(self._pending) + 1
         self._sent = offset + length
-        data = await asyncio.to_thread(self._read_spool, offset, length)
-        self._pending.append(
-            asyncio.create_task(self._driver.upload_part(self.key, self._upload_id, number, data))
-        )
+        self._pending.append(asyncio.create_task(self._upload(number, offset, length)))
+
+    async def _upload(self, number: int, offset: int, length: int) -> dict[str, Any]:
+        assert self._upload_id is not None
+        async with self._driver.part_slots:
+            data = await asyncio.to_thread(self._read_spool, offset, length)
+            return await self._driver.upload_part(self.key, self._upload_id, number, data)
 
     def _read_spool(self, offset: int, length: int) -> bytes:
         with open(self.path, "rb") as handle:
@@ -108,7 +112,7 @@ class S3Writer(SpoolWriter):
             data = await asyncio.to_thread(self._read_spool, 0, self.size)
             await self._driver.put(self.key, data)
         else:
-            if self.size > self._sent or not (self._parts or self._pending):
+            if self.size > self._sent or not self._pending:
                 await self._start_part(self._sent, self.size - self._sent)
             while self._pending:
                 self._parts.append(await self._pending.pop(0))
@@ -165,6 +169,8 @@ class S3Driver:
         self.tier = LocalTier(self.work / "tier", work.max_size)
         self.on_request: Callable[[str, str, float], None] | None = None
         self._lock_fd: int | None = None
+        #: Part uploads at once, all blobs together (each holds one part in memory).
+        self.part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
         #: Spool files of dead processes removed by ``open`` (``regproxy gc`` reports them).
         self.leftovers: list[tuple[Path, int]] = []
         self._stack = contextlib.AsyncExitStack()
