@@ -9,6 +9,7 @@ Routes::
     *          /v2/...                           405 UNSUPPORTED for anything that would write
     GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
+    GET|POST   /token                            Bearer tokens, with auth (proxy.tokens)
 
 Every /v2/ request is routed to an upstream (``proxy.routing``), checked against the access rules
 (``proxy.auth``) and, for digests, against what the repository is known to hold (``proxy.links``)
@@ -175,7 +176,7 @@ async def _route(request: web.Request, name: str) -> tuple[Upstream, str]:
     upstream_name, repository = request.app[ROUTER].route(name, request.query.get("ns"))
     auth = request.app[AUTH]
     if auth.enabled:
-        await auth.check(request.headers.get("Authorization"), upstream_name, repository)
+        await auth.check(request, name, upstream_name, repository)
     return request.app[UPSTREAMS][upstream_name], repository
 
 
@@ -183,8 +184,17 @@ async def handle_base(request: web.Request) -> web.Response:
     request["route"] = "base"
     if request.method not in READ_METHODS:
         raise Unsupported({"method": request.method})
-    await request.app[AUTH].check_login(request.headers.get("Authorization"))
+    await request.app[AUTH].check_login(request)
     return web.json_response({}, headers=API_HEADERS)
+
+
+async def handle_token(request: web.Request) -> web.StreamResponse:
+    """``/token``: the Bearer token service (``proxy.tokens``), when client auth is on."""
+    request["route"] = "token"
+    auth = request.app[AUTH]
+    if not auth.enabled:
+        raise web.HTTPNotFound()
+    return await auth.token_endpoint(request)
 
 
 async def handle_v2(request: web.Request) -> web.StreamResponse:
@@ -347,7 +357,9 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
-    app[AUTH] = Authenticator(load_auth(config.auth))
+    app[AUTH] = Authenticator(
+        load_auth(config.auth), Router(config.upstreams, config.default_upstream)
+    )
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v2/", handle_base)
     app.router.add_route("*", "/v2", handle_base)
@@ -356,6 +368,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/readyz", handle_readyz, allow_head=True)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/_regproxy/inspect", handle_inspect)
+    app.router.add_route("*", "/token", handle_token)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
 
