@@ -6,6 +6,7 @@ Routes::
     GET|HEAD   /v2/<name>/manifests/<reference>  proxy.platforms -> proxy.manifests
     GET|HEAD   /v2/<name>/blobs/<digest>         proxy.blobs
     GET        /v2/<name>/tags/list              proxy.manifests (tags_list)
+    GET|HEAD   /v2/<name>/referrers/<digest>     proxy.referrers (OCI 1.1, ?artifactType=)
     *          /v2/...                           405 UNSUPPORTED for anything that would write
     GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
@@ -47,8 +48,9 @@ from proxy.manifests import Manifest, ManifestService
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics, UsageStats
 from proxy.platforms import PlatformService, accepts_index, load_platforms
 from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
+from proxy.referrers import ReferrersService
 from proxy.routing import Router
-from proxy.upstream import INDEX_TYPES, Upstream, Upstreams
+from proxy.upstream import INDEX_TYPES, OCI_INDEX, Upstream, Upstreams
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
 from storage.filesystem import FilesystemStorage
@@ -69,6 +71,7 @@ USAGE = web.AppKey("usage", UsageStats)
 AUTH = web.AppKey("auth", Authenticator)
 LINKS = web.AppKey("links", Links)
 CACHE = web.AppKey("cache", CacheManager)
+REFERRERS = web.AppKey("referrers", ReferrersService)
 
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = ("GET", "HEAD")
@@ -289,6 +292,23 @@ async def serve_manifest(
     return resp
 
 
+async def handle_referrers(request: web.Request) -> web.StreamResponse:
+    """``/v2/<name>/referrers/<digest>``: an OCI index of the manifests naming the digest."""
+    request["route"] = "referrers"
+    if request.method not in READ_METHODS:
+        raise Unsupported({"method": request.method})
+    name = request.match_info["name"]
+    check_name(name)
+    digest = check_digest(request.match_info["digest"])
+    upstream, repository = await _route(request, name)
+    artifact_type = request.query.get("artifactType", "")[:255] or None
+    answer = await request.app[REFERRERS].get(upstream, repository, digest, artifact_type)
+    headers = {"Content-Type": OCI_INDEX, "X-Cache": answer.cache}
+    if answer.filtered:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return web.Response(body=answer.body, headers=headers)
+
+
 async def serve_tags(request: web.Request, upstream: Upstream, repository: str) -> web.Response:
     query = {}
     for key in ("n", "last"):
@@ -363,6 +383,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v2/", handle_base)
     app.router.add_route("*", "/v2", handle_base)
+    app.router.add_route("*", "/v2/{name:.+}/referrers/{digest}", handle_referrers)
     app.router.add_route("*", "/v2/{path:.+}", handle_v2)
     app.router.add_get("/healthz", handle_healthz, allow_head=True)
     app.router.add_get("/readyz", handle_readyz, allow_head=True)
@@ -400,6 +421,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         cache.coordinator = coordinator
     app[MANIFESTS] = ManifestService(storage, meta, offline=config.offline)
     app[LINKS] = Links(meta, offline=config.offline)
+    app[REFERRERS] = ReferrersService(app[MANIFESTS], meta, offline=config.offline)
     app[PLATFORMS] = PlatformService(
         load_platforms(config.platforms),
         manifests=app[MANIFESTS],
