@@ -228,6 +228,14 @@ class Authenticator:
             return True
         return any((upstream, repository) in self._routes(n, ns) for n in grant.names)
 
+    def _grant(self, token: str) -> Grant | None:
+        """A token's grant; None when invalid, expired, or its user was removed since."""
+        assert self.tokens is not None
+        grant = self.tokens.verify(token)
+        if grant is not None and grant.user is not None and grant.user not in self.users:
+            return None
+        return grant
+
     async def check_login(self, request: web.Request) -> None:
         """``GET /v2/``: a valid token or valid Basic credentials pass; anything else is
         challenged to fetch a token (the ping tells clients how to authenticate)."""
@@ -236,8 +244,7 @@ class Authenticator:
         authorization = request.headers.get("Authorization") or ""
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer":
-            assert self.tokens is not None
-            if self.tokens.verify(value.strip()) is not None:
+            if self._grant(value.strip()) is not None:
                 return
             raise Unauthorized(headers=self._challenge(request, error="invalid_token"))
         if await self.user(authorization) is None:
@@ -253,7 +260,7 @@ class Authenticator:
         scheme, _, value = authorization.partition(" ")
         scope = f"repository:{name}:pull"
         if scheme.lower() == "bearer" and self.tokens is not None:
-            grant = self.tokens.verify(value.strip())
+            grant = self._grant(value.strip())
             if grant is None:
                 raise Unauthorized(
                     {"reason": "invalid or expired token"},
@@ -283,9 +290,11 @@ class Authenticator:
         assert self.tokens is not None
         creds: tuple[str, str] | None
         if request.method == "POST":
-            raw = await request.content.read(MAX_TOKEN_FORM + 1)
-            if len(raw) > MAX_TOKEN_FORM:
-                raise ManifestInvalid(message="token request too large")
+            raw = b""
+            while not request.content.at_eof():
+                raw += await request.content.read(MAX_TOKEN_FORM + 1 - len(raw))
+                if len(raw) > MAX_TOKEN_FORM:
+                    raise ManifestInvalid(message="token request too large")
             form = parse_qs(raw.decode(errors="replace"))
             if form.get("grant_type", [""])[0] != "password":
                 return web.json_response({"error": "unsupported_grant_type"}, status=400)

@@ -535,3 +535,19 @@ async def test_token_scopes_follow_containerd_ns_routing(setup: Setup) -> None:
         status, _, body = await fetch(url + path, headers=bearer(anonymous))
         assert status == 401 and setup.images["hub-app"].raw not in body
     assert setup.hub.count() == hub_before
+
+
+async def test_a_removed_users_tokens_stop_working(setup: Setup, tmp_path: Path) -> None:
+    scope = "repository:corp/team/secret:pull"
+    _, alice = await token(setup.proxy, scope, headers=basic("alice", "alice-pw"))
+    path = f"{setup.proxy.url}/v2/corp/team/secret/manifests/1"
+    assert (await fetch(path, headers=bearer(alice)))[0] == 200
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(
+        "".join(
+            line for line in htpasswd.read_text().splitlines(True) if not line.startswith("alice:")
+        )
+    )
+    setup.proxy.restart()  # the same signing key: alice's token still verifies, alice is gone
+    status, headers, _ = await fetch(path, headers=bearer(alice))
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
