@@ -11,6 +11,7 @@ Routes::
     GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
     GET|POST   /token                            Bearer tokens, with auth (proxy.tokens)
+    GET        /_regproxy/peer/blobs/<digest>    another replica streams a download (shared secret)
 
 Every /v2/ request is routed to an upstream (``proxy.routing``), checked against the access rules
 (``proxy.auth``) and, for digests, against what the repository is known to hold (``proxy.links``)
@@ -25,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -33,13 +36,17 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from proxy.auth import Authenticator, load_auth
-from proxy.blobs import BlobService
+from proxy.blobs import BlobService, stream_download
 from proxy.config import Config
+from proxy.download import CACHE_RESULT, PEER_HEADER, Cache
 from proxy.errors import (
+    BlobUnknown,
+    Denied,
     Handler,
     ManifestInvalid,
     NameInvalid,
     RegistryError,
+    StorageError,
     Unsupported,
     error_middleware,
 )
@@ -51,16 +58,16 @@ from proxy.reference import check_digest, check_name, check_reference, is_digest
 from proxy.referrers import ReferrersService
 from proxy.routing import Router
 from proxy.upstream import INDEX_TYPES, OCI_INDEX, Upstream, Upstreams
+from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
-from storage.filesystem import FilesystemStorage
 from storage.redis import RedisCoordinator, RedisMetadata
 from storage.redis import connect as connect_redis
 
 log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
-STORAGE = web.AppKey("storage", FilesystemStorage)
+STORAGE = web.AppKey("storage", ContentStore)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 ROUTER = web.AppKey("router", Router)
 BLOBS = web.AppKey("blobs", BlobService)
@@ -83,7 +90,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         cache = response.headers.get("X-Cache", "-")
-        if request.get("cache") == "miss-aborted":
+        if request.get(CACHE_RESULT) is Cache.ABORTED:
             cache = "ABORTED"
         self.logger.info(
             "request method=%s path=%s status=%d bytes=%d duration=%.3f cache=%s",
@@ -237,7 +244,7 @@ async def serve_blob(
         else:
             fetched_here = True  # fetched from `repository` itself: that is the confirmation
     resp = await blobs.serve(request, source, src_repo, digest)
-    if fetched_here and request.method == "GET" and request.get("cache") != "miss-aborted":
+    if fetched_here and request.method == "GET" and request.get(CACHE_RESULT) is not Cache.ABORTED:
         await links.link(upstream.name, repository, [digest])
     return resp
 
@@ -347,9 +354,9 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """Ready when the storage directory takes writes and is not full."""
+    """Ready when the store takes writes, is reachable and is not full."""
     request["route"] = "readyz"
-    problems = request.app[STORAGE].check_ready()
+    problems = await request.app[STORAGE].check_ready()
     cache = request.app[CACHE]
     if cache.full:
         problems.append(f"cache full: {cache.used} of {cache.limit} bytes in use")
@@ -363,6 +370,26 @@ async def handle_metrics(request: web.Request) -> web.Response:
     request["route"] = "metrics"
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def handle_peer_blob(request: web.Request) -> web.StreamResponse:
+    """Another replica streams a blob this one is downloading (or holds locally)."""
+    request["route"] = "peer"
+    blobs = request.app[BLOBS]
+    token = blobs.fetcher.peer_token
+    offered = request.headers.get(PEER_HEADER, "")
+    if not token or not secrets.compare_digest(offered.encode(), token.encode()):
+        raise Denied(message="peer requests need the fleet's secret")
+    digest = request.match_info["digest"]
+    check_digest(digest)
+    dl = blobs.downloads.get(digest)
+    if dl is not None and not dl.done and dl.source != "peer":
+        await dl.started
+        return await stream_download(request, dl, digest, blobs.store)
+    local = blobs.store.local_blob(digest)
+    if local is None:
+        raise BlobUnknown({"digest": digest})
+    return web.FileResponse(local.path, headers={"Docker-Content-Digest": digest})
 
 
 async def handle_other(request: web.Request) -> web.StreamResponse:
@@ -390,15 +417,31 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/_regproxy/inspect", handle_inspect)
     app.router.add_route("*", "/token", handle_token)
+    app.router.add_get("/_regproxy/peer/blobs/{digest}", handle_peer_blob)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
+
+
+def advertise_url(config: Config) -> str:
+    """Where other replicas reach this one: configured, else from the listen address."""
+    if config.advertise_url:
+        return config.advertise_url
+    host, port = config.listen_address
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if config.tls_cert else "http"
+    return f"{scheme}://{host}:{port}"
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
-    storage = FilesystemStorage(config.storage)
-    storage.open()
+    storage = create_store(config.storage, config.s3, config.work)
+    storage.driver.on_request = metrics.storage_request
+    storage.on_error = lambda op: metrics.storage_errors.labels(op).inc()
+    await storage.open()
     upstreams = Upstreams(config.upstreams)
     for upstream in upstreams.by_name.values():
         upstream.metrics = metrics
@@ -407,9 +450,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAMS] = upstreams
     app[ROUTER] = Router(config.upstreams, config.default_upstream)
     interval = 60.0 if config.cache.blob_ttl is None else min(60.0, config.cache.blob_ttl / 2)
-    cache = CacheManager(storage, config.cache, metrics=metrics, interval=max(0.5, interval))
+    cache = CacheManager(storage, config.cache, interval=max(0.5, interval))
+    metrics.storage_limit.set(cache.limit or 0)
+    cache.on_size = metrics.storage_bytes.set
+    cache.on_evict = lambda kind, digest, size: metrics.evictions.labels(kind).inc()
+    cache.on_error = lambda op: metrics.storage_errors.labels(op).inc()
     app[CACHE] = cache
-    app[BLOBS] = BlobService(storage, offline=config.offline, metrics=metrics, cache=cache)
+    app[BLOBS] = BlobService(
+        storage,
+        offline=config.offline,
+        metrics=metrics,
+        cache=cache,
+        redirect_expiry=config.s3.redirect_expiry if config.s3 and config.s3.redirect else None,
+        advertise_url=advertise_url(config),
+    )
     metrics.inflight.set_function(lambda: len(app[BLOBS].downloads))
     meta: MetadataStore = storage
     redis_client = None
@@ -418,6 +472,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         meta = RedisMetadata(redis_client, storage)
         coordinator = RedisCoordinator(redis_client, storage.instance)
         app[BLOBS].coordinator = coordinator
+        app[BLOBS].fetcher.peer_token = await coordinator.peer_token()
         cache.coordinator = coordinator
     app[MANIFESTS] = ManifestService(storage, meta, offline=config.offline)
     app[LINKS] = Links(meta, offline=config.offline)
@@ -431,41 +486,45 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         router=app[ROUTER],
     )
     log.info(
-        "regproxy ready storage=%s upstreams=%s default=%s",
-        storage.root,
+        "regproxy ready storage=%s upstreams=%s default=%s advertise=%s",
+        storage.driver.location,
         ",".join(f"{n}={u.url}" for n, u in config.upstreams.items()),
         config.default_upstream,
+        app[BLOBS].fetcher.advertise_url,
     )
-    usage = UsageStats(storage.root)
+    usage = UsageStats()
+    await usage.load(storage)
     app[USAGE] = usage
     await cache.start()
-    saver = asyncio.create_task(_save_usage(usage, upstreams))
+    saver = asyncio.create_task(_save_usage(usage, upstreams, storage))
     try:
         yield
     finally:
         saver.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await saver
-        _save_usage_now(usage, upstreams)
+        await _save_usage_now(usage, upstreams, storage)
         await cache.stop()
         await app[BLOBS].close()
         await upstreams.close()
         if redis_client is not None:
             await redis_client.aclose()
-        storage.close()
+        await storage.close()
 
 
-def _save_usage_now(usage: UsageStats, upstreams: Upstreams) -> None:
+async def _save_usage_now(usage: UsageStats, upstreams: Upstreams, store: ContentStore) -> None:
     for name, upstream in upstreams.by_name.items():
         if upstream.ratelimit_remaining is not None:
             usage.ratelimit[name] = upstream.ratelimit_remaining
     try:
-        usage.save()
-    except OSError as exc:
-        log.error("cannot save usage stats path=%s error=%s", usage.path, exc)
+        await usage.save(store)
+    except StorageError as exc:
+        log.error("cannot save usage stats error=%s", exc)
 
 
-async def _save_usage(usage: UsageStats, upstreams: Upstreams, every: float = 15.0) -> None:
+async def _save_usage(
+    usage: UsageStats, upstreams: Upstreams, store: ContentStore, every: float = 15.0
+) -> None:
     while True:
         await asyncio.sleep(every)
-        _save_usage_now(usage, upstreams)
+        await _save_usage_now(usage, upstreams, store)

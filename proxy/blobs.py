@@ -1,10 +1,14 @@
-"""The blob read path: local first, else one shared upstream download teed to every client.
+"""Blob answers over HTTP: local first, else one shared download teed to every client.
 
-A cold blob is fetched by one :class:`Download` task per digest, owned by the app (not by the
-request that started it), which writes the upstream bytes to a temp file while hashing them.
-Every client asking for that digest meanwhile, the first included, follows the growing file
-(:func:`stream_download`) and gets bytes as soon as they arrive — containerd gives up after 30 s
-without response headers, so nothing waits for the whole blob.
+:class:`BlobService` decides, per request, where a blob's bytes come from:
+
+* a local file (the filesystem store, or the S3 store's local read tier): ``sendfile``;
+* the object store, not local here: a ``307`` to a presigned URL when ``s3.redirect`` is on, a
+  ``Range`` read streamed from the bucket, or (a whole GET) a :class:`proxy.download.Download`
+  that fills the local tier while the client follows it;
+* nothing cached: a download from upstream (``proxy.download``), followed by every client asking
+  meanwhile (:func:`stream_download`) — containerd gives up after 30 s without response headers,
+  so nothing waits for the whole blob.
 
 Two rules keep a client from ever receiving a complete but wrong blob:
 
@@ -12,19 +16,15 @@ Two rules keep a client from ever receiving a complete but wrong blob:
 * if it fails, the client's connection is aborted short of ``Content-Length``, which every
   client reports as an error, and nothing is committed.
 
-A client that disconnects leaves the download running for the others and for the cache.
-An upstream connection cut mid-blob is resumed with a ``Range`` request from the last byte.
+When the store fails (disk full, object store away) the client is served by ``proxy.relay``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from proxy.download import CACHE_RESULT, CHUNK, Cache, Download, Downloads
 from proxy.errors import (
     BlobUnknown,
     RangeInvalid,
@@ -41,9 +42,11 @@ from proxy.errors import (
     UpstreamUnreachable,
     to_registry_error,
 )
+from proxy.relay import abort, miss_response, relay_uncached
 from proxy.sendfile import can_sendfile, sendfile_to_transport
 from proxy.upstream import Upstream
-from storage.base import BlobWriter, ContentStore
+from storage.base import LocalFile
+from storage.content import ContentStore
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -52,48 +55,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024
-#: Upstream reconnects (with ``Range``) in a row that bring no new byte before giving up.
-MAX_RESUMES = 5
-
-
-@dataclass(eq=False)
-class Download:
-    """One upstream fetch of one blob, shared by every client that wants it."""
-
-    digest: str
-    upstream: Upstream
-    repository: str
-    #: Size from upstream's ``Content-Length``; None until headers arrived or if not sent.
-    size: int | None = None
-    #: Bytes in the temp file so far.
-    written: int = 0
-    committed: bool = False
-    error: BaseException | None = None
-    writer: BlobWriter | None = None
-    path: Path | None = None
-    started: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def done(self) -> bool:
-        return self.committed or self.error is not None
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_change(self) -> None:
-        await self._changed.wait()
-
-    def fail(self, exc: BaseException) -> None:
-        self.error = exc
-        if not self.started.done():
-            self.started.set_exception(exc)
-            self.started.exception()  # retrieved here; each waiter re-raises it
-        self._notify()
+HIT_HEADERS = {
+    "Content-Type": "application/octet-stream",
+    "Accept-Ranges": "bytes",
+    "X-Cache": "HIT",
+    "Cache-Control": "max-age=31536000, immutable",
+}
 
 
 class BlobService:
@@ -106,21 +73,29 @@ class BlobService:
         offline: bool = False,
         metrics: Metrics | None = None,
         cache: CacheManager | None = None,
+        redirect_expiry: float | None = None,
+        advertise_url: str | None = None,
     ) -> None:
         self.store = store
         self.offline = offline
         self.metrics = metrics
         self.cache = cache
-        #: Cross-replica single flight (Redis); None: this process only.
-        self.coordinator: RedisCoordinator | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.downloads: dict[str, Download] = {}
+        #: Seconds a presigned redirect lives; None: never redirect.
+        self.redirect_expiry = redirect_expiry
+        self.fetcher = Downloads(store, metrics=metrics, advertise_url=advertise_url)
+        #: Downloads in flight by digest (read-only for callers).
+        self.downloads: dict[str, Download] = self.fetcher.running
+
+    @property
+    def coordinator(self) -> RedisCoordinator | None:
+        return self.fetcher.coordinator
+
+    @coordinator.setter
+    def coordinator(self, value: RedisCoordinator | None) -> None:
+        self.fetcher.coordinator = value
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.fetcher.close()
 
     async def held_elsewhere(self, digest: str, upstream: Upstream, repository: str) -> bool:
         """Cached, or being downloaded for another repository (see ``proxy.links``)."""
@@ -129,225 +104,26 @@ class BlobService:
             return True
         return await self.store.stat_blob(digest) is not None
 
-    def download(self, upstream: Upstream, repository: str, digest: str) -> Download:
+    def download(
+        self, upstream: Upstream, repository: str, digest: str, *, stored: bool = False
+    ) -> Download:
         """The download in flight for ``digest``, or a new one."""
-        current = self.downloads.get(digest)
-        if current is not None and not current.done:
-            return current
-        # `downloads` is the coalescing map: one running Download per digest. A failed one is
-        # `done` at once, so the next request starts afresh even while the old task unwinds.
-        dl = Download(digest=digest, upstream=upstream, repository=repository)
-        self.downloads[digest] = dl
-        task = asyncio.ensure_future(self._run(dl))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return dl
+        return self.fetcher.get(upstream, repository, digest, stored=stored)
 
-    async def _run(self, dl: Download) -> None:
-        try:
-            if self.coordinator is None:
-                await self._fetch(dl)
-            else:
-                await self._coordinated(dl, self.coordinator)
-        except asyncio.CancelledError:
-            dl.fail(UpstreamUnreachable("download cancelled", upstream=dl.upstream.name))
-            raise
-        except (UpstreamError, StorageError) as exc:
-            if isinstance(exc, StorageError) and self.metrics is not None:
-                self.metrics.storage_errors.labels("write").inc()
-            log.warning(
-                "blob download failed digest=%s upstream=%s error=%s",
-                dl.digest,
-                dl.upstream.name,
-                exc,
-            )
-            dl.fail(exc)
-        except Exception as exc:
-            log.exception("blob download crashed digest=%s", dl.digest)
-            dl.fail(exc)
-        finally:
-            if dl.writer is not None and not dl.committed:
-                await dl.writer.cancel()
-            if self.downloads.get(dl.digest) is dl:
-                del self.downloads[dl.digest]
-
-    async def _fetch(self, dl: Download) -> None:
-        upstream = dl.upstream
-        path = f"/v2/{dl.repository}/blobs/{dl.digest}"
-        scope = f"repository:{dl.repository}:pull"
-        resumes = 0  # consecutive attempts that brought no new byte
-        progress = -1
-        while True:
-            headers = {"Range": f"bytes={dl.written}-"} if dl.written else {}
-            try:
-                async with upstream.request(
-                    "GET", path, scope=scope, headers=headers, expect=(200, 206)
-                ) as resp:
-                    skip = self._start_or_resume(dl, resp)
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        if skip:
-                            cut = min(skip, len(chunk))
-                            chunk, skip = chunk[cut:], skip - cut
-                            if not chunk:
-                                continue
-                        if dl.size is not None and dl.written + len(chunk) > dl.size:
-                            raise UpstreamContentError(
-                                "upstream sent more bytes than announced", upstream=upstream.name
-                            )
-                        assert dl.writer is not None
-                        dl.writer.write(chunk)
-                        dl.written += len(chunk)
-                        if self.metrics is not None:
-                            self.metrics.upstream_bytes.labels(upstream.name).inc(len(chunk))
-                        dl._notify()
-                if dl.size is None or dl.written >= dl.size:
-                    break
-                raise UpstreamUnreachable("connection ended early", upstream=upstream.name)
-            except (
-                TimeoutError,
-                aiohttp.ClientPayloadError,
-                aiohttp.ClientConnectionError,
-                UpstreamUnreachable,
-            ) as exc:
-                # The stream broke mid-blob: resume from the last byte we have, for as long as
-                # attempts keep bringing bytes.
-                resumes = 0 if dl.written > progress else resumes + 1
-                progress = dl.written
-                if dl.writer is None or resumes >= MAX_RESUMES:
-                    raise UpstreamUnreachable(
-                        f"blob download broke: {type(exc).__name__}", upstream=upstream.name
-                    ) from exc
-                log.info(
-                    "resuming blob download digest=%s offset=%d attempt=%d",
-                    dl.digest,
-                    dl.written,
-                    resumes,
-                )
-        assert dl.writer is not None
-        try:
-            await dl.writer.commit(dl.digest, dl.size)
-        except UpstreamContentError as exc:
-            exc.upstream = upstream.name
-            raise
-        dl.committed = True
-        dl.path = self.store.blob_path(dl.digest)
-        dl._notify()
-        log.debug("blob cached digest=%s size=%d", dl.digest, dl.written)
-
-    async def _coordinated(self, dl: Download, coordinator: RedisCoordinator) -> None:
-        """Fetch it ourselves if no other replica is, else follow that replica's temp file."""
-        for _ in range(3):
-            owned = await coordinator.acquire(dl.digest)
-            if owned is None:  # Redis is away: per-replica behaviour
-                await self._fetch(dl)
-                return
-            if owned:
-                refresher = asyncio.create_task(self._keep_lock(dl, coordinator))
-                try:
-                    await self._fetch(dl)
-                finally:
-                    refresher.cancel()
-                    await coordinator.release(dl.digest)
-                return
-            await self._confirm_before_following(dl, coordinator)
-            if await self._follow_remote(dl, coordinator):
-                return
-            if dl.started.done():
-                raise UpstreamUnreachable(
-                    "the replica downloading this blob failed", upstream=dl.upstream.name
-                )
-        raise UpstreamUnreachable("could not coordinate the download", upstream=dl.upstream.name)
-
-    async def _confirm_before_following(self, dl: Download, coordinator: RedisCoordinator) -> None:
-        """Another replica fetches it, maybe for another repository: ours must hold it too."""
-        info = await coordinator.inflight(dl.digest)
-        if info is not None and (info.get("upstream"), info.get("repository")) == (
-            dl.upstream.name,
-            dl.repository,
-        ):
-            return
-        async with dl.upstream.request(
-            "HEAD",
-            f"/v2/{dl.repository}/blobs/{dl.digest}",
-            scope=f"repository:{dl.repository}:pull",
-        ):
-            pass  # 200; anything else raised UpstreamStatus
-
-    async def _keep_lock(self, dl: Download, coordinator: RedisCoordinator) -> None:
-        published = False
-        while True:
-            if not published and dl.writer is not None:
-                relative = str(dl.writer.path.relative_to(self.store.root))
-                await coordinator.publish(
-                    dl.digest, relative, dl.size, dl.upstream.name, dl.repository
-                )
-                published = True
-            await asyncio.sleep(0.05 if not published else 5.0)
-            if published:
-                await coordinator.refresh(dl.digest)
-
-    async def _follow_remote(self, dl: Download, coordinator: RedisCoordinator) -> bool:
-        """Stream another replica's download from the shared volume; False if it vanished."""
-        while True:
-            size = await self.store.stat_blob(dl.digest)
-            if size is not None:  # committed (verified) by the owner
-                dl.size, dl.written, dl.path = size, size, self.store.blob_path(dl.digest)
-                dl.committed = True
-                if not dl.started.done():
-                    dl.started.set_result(None)
-                dl._notify()
-                return True
-            info = await coordinator.inflight(dl.digest)
-            if info is not None and not dl.started.done():
-                path = (self.store.root / str(info.get("path"))).resolve()
-                if not path.is_relative_to((self.store.root / "tmp").resolve()):
-                    log.error("ignoring an in-flight record outside tmp/ digest=%s", dl.digest)
-                    return False
-                dl.size = info.get("size")
-                dl.path = path
-                dl.started.set_result(None)
-            if dl.path is not None and dl.started.done():
-                # FileNotFoundError: renamed at commit (seen on the next turn), or failed
-                with contextlib.suppress(FileNotFoundError):
-                    dl.written = os.stat(dl.path).st_size
-                dl._notify()
-            if not await coordinator.locked(dl.digest):
-                if await self.store.stat_blob(dl.digest) is not None:
-                    continue
-                return False
-            await asyncio.sleep(0.05)
-
-    def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
-        """Check the response against what we have; return how many leading bytes to skip."""
-        if dl.writer is None:
-            length = resp.content_length if resp.status == 200 else None
-            if resp.status == 206:
-                raise UpstreamContentError("unrequested partial content", upstream=dl.upstream.name)
-            dl.size = length
-            dl.writer = self.store.blob_writer(dl.digest)
-            dl.path = dl.writer.path
-            dl.started.set_result(None)
-            dl._notify()
-            return 0
-        if resp.status == 206:
-            content_range = resp.headers.get("Content-Range", "")
-            if not content_range.startswith(f"bytes {dl.written}-"):
-                raise UpstreamContentError(
-                    "upstream resumed at the wrong offset", upstream=dl.upstream.name
-                )
-            return 0
-        # 200 to a Range request: the upstream cannot resume; skip what we already have.
-        if dl.size is not None and resp.content_length not in (None, dl.size):
-            raise UpstreamContentError("blob size changed on resume", upstream=dl.upstream.name)
-        return dl.written
-
-    # -- serving ---------------------------------------------------------------------------------
+    # -- serving -------------------------------------------------------------------------------
 
     async def serve(
         self, request: web.Request, upstream: Upstream, repository: str, digest: str
     ) -> web.StreamResponse:
         head = request.method == "HEAD"
-        size = await self.store.stat_blob(digest)
+        try:
+            local = self.store.local_blob(digest)
+            size = local.size if local is not None else await self.store.stat_blob(digest)
+        except StorageError as exc:
+            if self.offline or head or not exc.unreachable:
+                raise
+            # The store is away: the client still gets verified bytes, straight from upstream.
+            return await relay_uncached(request, None, upstream, repository, digest, None, 0)
         try:
             wanted = request.http_range
         except ValueError:
@@ -360,9 +136,11 @@ class BlobService:
                 ) from None
         ranged = wanted.start is not None or wanted.stop is not None
         if size is not None:
-            local = self._serve_local(request, digest, size)
+            if wanted.start is not None and wanted.start >= size:
+                raise RangeInvalid({"size": size}, headers={"Content-Range": f"bytes */{size}"})
             if local is not None:
-                return local
+                return self._serve_file(request, digest, local)
+            return await self._serve_stored(request, upstream, repository, digest, size, wanted)
         if self.offline:
             raise BlobUnknown({"digest": digest}, message="blob not cached (offline mode)")
         if head:
@@ -378,17 +156,86 @@ class BlobService:
         if ranged:
             # A range of a blob still downloading: wait for the verified whole, then serve it.
             await self._wait_done(dl)
-            local = self._serve_local(request, digest, dl.written)
-            if local is None:
-                raise BlobUnknown({"digest": digest}, message="blob evicted while downloading")
-            return local
-        return await stream_download(request, dl, digest)
+            return await self.serve(request, upstream, repository, digest)
+        return await stream_download(request, dl, digest, self.store)
+
+    async def _serve_stored(
+        self,
+        request: web.Request,
+        upstream: Upstream,
+        repository: str,
+        digest: str,
+        size: int,
+        wanted: slice,
+    ) -> web.StreamResponse:
+        """A blob in the object store but not on this replica's disk."""
+        self._touch(digest)
+        request[CACHE_RESULT] = Cache.HIT
+        if request.method == "HEAD":
+            resp = web.StreamResponse(headers={"Docker-Content-Digest": digest, **HIT_HEADERS})
+            resp.content_length = size
+            return resp
+        if self.redirect_expiry is not None:
+            url = await self.store.blob_url(digest, self.redirect_expiry)
+            if url is not None:
+                raise web.HTTPTemporaryRedirect(
+                    url, headers={"Docker-Content-Digest": digest, "X-Cache": "HIT"}
+                )
+        if wanted.start is not None or wanted.stop is not None:
+            return await self._stream_range(request, digest, size, wanted)
+        dl = self.download(upstream, repository, digest, stored=True)
+        try:
+            await dl.started
+        except UpstreamError as exc:
+            raise to_registry_error(exc, not_found=BlobUnknown) from exc
+        resp = await stream_download(request, dl, digest, self.store, cache=Cache.HIT)
+        return resp
+
+    async def _stream_range(
+        self, request: web.Request, digest: str, size: int, wanted: slice
+    ) -> web.StreamResponse:
+        start = wanted.start
+        stop = wanted.stop
+        if start is None:  # a suffix: the last -stop bytes
+            start, stop = max(0, size + (stop or 0)), size
+        stop = size if stop is None else min(stop, size)
+        stream = await self.store.read_blob(digest, start, stop - start)
+        if stream is None:
+            raise BlobUnknown({"digest": digest}, message="blob evicted meanwhile")
+        resp = web.StreamResponse(
+            status=206,
+            headers={
+                "Docker-Content-Digest": digest,
+                **HIT_HEADERS,
+                "Content-Range": f"bytes {start}-{stop - 1}/{size}",
+            },
+        )
+        resp.content_length = stop - start
+        await resp.prepare(request)
+        sent = 0
+        try:
+            async for chunk in stream:
+                await resp.write(chunk)
+                sent += len(chunk)
+        except StorageError as exc:
+            log.warning("object store read broke digest=%s error=%s", digest, exc)
+        if sent != stop - start:
+            abort(request)
+            return resp
+        await resp.write_eof()
+        return resp
 
     async def read(
         self, upstream: Upstream, repository: str, digest: str, limit: int = 4 * 1024 * 1024
     ) -> bytes:
         """A small blob's bytes (an image config), through the cache."""
-        if await self.store.stat_blob(digest) is None:
+        try:
+            stored = await self.store.stat_blob(digest)
+        except StorageError as exc:
+            if not exc.unreachable:
+                raise
+            return await self._read_uncached(upstream, repository, digest, limit)
+        if stored is None:
             if self.offline:
                 raise BlobUnknown({"digest": digest}, message="blob not cached (offline mode)")
             dl = self.download(upstream, repository, digest)
@@ -399,12 +246,17 @@ class BlobService:
                 raise to_registry_error(exc, not_found=BlobUnknown) from exc
             except StorageError:
                 return await self._read_uncached(upstream, repository, digest, limit)
-        path = self.store.blob_path(digest)
-        try:
-            with open(path, "rb") as handle:  # noqa: ASYNC230 - a config blob: a few KiB
-                return handle.read(limit)
-        except OSError as exc:
-            raise StorageError("cannot read blob", path=str(path)) from exc
+        local = self.store.local_blob(digest)
+        if local is not None:
+            try:
+                with open(local.path, "rb") as handle:  # noqa: ASYNC230 - a config: a few KiB
+                    return handle.read(limit)
+            except OSError as exc:
+                raise StorageError("cannot read blob", path=str(local.path), op="read") from exc
+        stream = await self.store.read_blob(digest, 0, limit)
+        if stream is None:
+            raise BlobUnknown({"digest": digest}, message="blob evicted meanwhile")
+        return b"".join([chunk async for chunk in stream])
 
     async def _read_uncached(
         self, upstream: Upstream, repository: str, digest: str, limit: int
@@ -430,49 +282,40 @@ class BlobService:
         return data
 
     async def _wait_done(self, dl: Download) -> None:
-        while not dl.done:
-            await dl.wait_change()
+        await dl.wait_done()
         if dl.error is not None:
             if isinstance(dl.error, UpstreamError):
                 raise to_registry_error(dl.error, not_found=BlobUnknown)
             raise dl.error
 
-    def _serve_local(
-        self, request: web.Request, digest: str, size: int
-    ) -> web.StreamResponse | None:
-        """The cached blob (None if it vanished since its stat: evicted, fetch it again)."""
-        path = self.store.blob_path(digest)
-        start = request.http_range.start
-        if start is not None and start >= size:
-            raise RangeInvalid({"size": size}, headers={"Content-Range": f"bytes */{size}"})
+    def _touch(self, digest: str) -> None:
+        if self.cache is not None:
+            self.cache.touch("blobs", digest)
+
+    def _serve_file(
+        self, request: web.Request, digest: str, local: LocalFile
+    ) -> web.StreamResponse:
+        """A blob in a local file, sent with sendfile."""
         try:
             # Opened here, not only by the file response, so that an unreadable file is a
             # logged storage error (503) rather than aiohttp's silent 403 or 404.
-            os.close(os.open(path, os.O_RDONLY))
+            os.close(os.open(local.path, os.O_RDONLY))
         except FileNotFoundError:
-            return None
+            raise BlobUnknown({"digest": digest}, message="blob evicted meanwhile") from None
         except OSError as exc:
             if self.metrics is not None:
                 self.metrics.storage_errors.labels("read").inc()
-            log.error("cannot read cached blob path=%s error=%s", path, exc.strerror)
-            raise StorageError("cannot read cached blob", path=str(path)) from exc
-        if self.cache is not None:
-            self.cache.touch(path, digest)
-        resp = _BlobFileResponse(
-            path,
+            log.error("cannot read cached blob path=%s error=%s", local.path, exc.strerror)
+            raise StorageError("cannot read cached blob", path=str(local.path), op="read") from exc
+        self._touch(digest)
+        request[CACHE_RESULT] = Cache.HIT
+        return _BlobFileResponse(
+            local.path,
             in_use=self.cache.in_use if self.cache is not None else None,
             digest=digest,
             chunk_size=CHUNK,
-            headers={
-                "Docker-Content-Digest": digest,
-                "Content-Type": "application/octet-stream",
-                "Accept-Ranges": "bytes",
-                "X-Cache": "HIT",
-                "Cache-Control": "max-age=31536000, immutable",
-            },
+            headers={"Docker-Content-Digest": digest, **HIT_HEADERS},
         )
-        request["cache"] = "hit"
-        return resp
 
     async def _head_upstream(
         self, upstream: Upstream, repository: str, digest: str
@@ -484,7 +327,7 @@ class BlobService:
                 length = resp.content_length
         except UpstreamError as exc:
             raise to_registry_error(exc, not_found=BlobUnknown) from exc
-        return _miss_response(digest, length)
+        return miss_response(digest, length)
 
 
 class _BlobFileResponse(web.FileResponse):
@@ -524,99 +367,43 @@ class _BlobFileResponse(web.FileResponse):
                 self._in_use = None
 
 
-def _miss_response(digest: str, size: int | None) -> web.StreamResponse:
-    """Headers of a blob answered from upstream (no body yet)."""
-    resp = web.StreamResponse(
-        headers={
-            "Docker-Content-Digest": digest,
-            "Content-Type": "application/octet-stream",
-            "X-Cache": "MISS",
-        }
-    )
-    if size is not None:
-        resp.content_length = size
-    return resp
+def _open_download(dl: Download, store: ContentStore) -> int:
+    """An fd on the download's bytes: its spool, or the committed file once it moved."""
+    for _ in range(2):
+        path = dl.path
+        if path is not None:
+            try:
+                return os.open(str(path), os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StorageError("cannot open download", path=str(path), op="read") from exc
+        if dl.committed:
+            local = store.local_blob(dl.digest)
+            if local is not None:
+                try:
+                    return os.open(local.path, os.O_RDONLY)
+                except FileNotFoundError:
+                    pass
+    cause = dl.error or StorageError("download vanished", path=str(dl.path), op="read")
+    raise cause
 
 
-async def relay_uncached(
+async def stream_download(
     request: web.Request,
-    resp: web.StreamResponse | None,
-    upstream: Upstream,
-    repository: str,
+    dl: Download,
     digest: str,
-    fd: int | None,
-    offset: int,
+    store: ContentStore,
+    *,
+    cache: Cache = Cache.MISS,
 ) -> web.StreamResponse:
-    """Send a blob (from ``offset`` on) straight from upstream, verified but not cached.
-
-    Used when the cache cannot store it. The bytes the client already got are re-hashed from
-    the temp file still open at ``fd``; the last byte is held back until the digest matches.
-    """
-    hasher = hashlib.new(digest.partition(":")[0])
-    pos = 0
-    while fd is not None and pos < offset:
-        chunk = os.pread(fd, min(CHUNK, offset - pos), pos)
-        if not chunk:
-            break
-        hasher.update(chunk)
-        pos += len(chunk)
-    if pos != offset:
-        _abort(request)
-        return resp or web.StreamResponse()
-    log.warning("cache cannot store blob, relaying it uncached digest=%s offset=%d", digest, offset)
-    request["cache"] = "miss-uncached"
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    """Follow ``dl``'s local file to the client, holding the last byte until it is verified."""
+    resp = miss_response(digest, dl.size, cache)
+    request[CACHE_RESULT] = cache
     try:
-        async with upstream.request(
-            "GET",
-            f"/v2/{repository}/blobs/{digest}",
-            scope=f"repository:{repository}:pull",
-            headers=headers,
-            expect=(200, 206),
-        ) as up:
-            if resp is None:
-                resp = _miss_response(digest, up.content_length)
-                await resp.prepare(request)
-            skip = offset if up.status == 200 else 0
-            held = b""
-            async for chunk in up.content.iter_chunked(CHUNK):
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                hasher.update(chunk)
-                data = held + chunk
-                held = data[-1:]
-                if len(data) > 1:
-                    await resp.write(data[:-1])
-    except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
-        if resp is None:
-            if isinstance(exc, UpstreamError):
-                raise to_registry_error(exc, not_found=BlobUnknown) from exc
-            raise
-        _abort(request)
-        return resp
-    if f"{digest.partition(':')[0]}:{hasher.hexdigest()}" != digest:
-        log.warning("uncached relay failed verification digest=%s", digest)
-        _abort(request)
-        return resp
-    await resp.write(held)
-    await resp.write_eof()
-    return resp
-
-
-async def stream_download(request: web.Request, dl: Download, digest: str) -> web.StreamResponse:
-    """Follow ``dl``'s temp file to the client, holding the last byte until it is verified."""
-    resp = _miss_response(digest, dl.size)
-    request["cache"] = "miss"
-    assert dl.path is not None
-    try:
-        # dl.path is the temp file until commit and the final file after: both hold the bytes.
-        fd = os.open(dl.path, os.O_RDONLY)
-    except OSError as exc:
-        cause = dl.error or StorageError("cannot open download", path=str(dl.path))
-        if isinstance(cause, UpstreamError):
-            raise to_registry_error(cause, not_found=BlobUnknown) from exc
-        raise cause from exc
+        fd = _open_download(dl, store)
+    except UpstreamError as exc:
+        raise to_registry_error(exc, not_found=BlobUnknown) from exc
     offset = 0
     try:
         writer = await resp.prepare(request)
@@ -640,10 +427,10 @@ async def stream_download(request: web.Request, dl: Download, digest: str) -> we
     except ConnectionResetError:
         # The client left; the download goes on for the others and the cache.
         log.info("client left during a download digest=%s sent=%d", digest, offset)
-        request["cache"] = "client-gone"
+        request[CACHE_RESULT] = Cache.CLIENT_GONE
         return resp
     except _Aborted as exc:
-        if isinstance(exc.cause, StorageError):
+        if isinstance(exc.cause, StorageError) and dl.source == "upstream":
             # The cache failed mid-download (disk full): finish this client from upstream.
             return await relay_uncached(
                 request,
@@ -657,12 +444,12 @@ async def stream_download(request: web.Request, dl: Download, digest: str) -> we
         log.warning(
             "aborting client response digest=%s sent=%d error=%s", digest, offset, exc.cause
         )
-        request["cache"] = "miss-aborted"
         if not resp.prepared:
+            request[CACHE_RESULT] = Cache.ABORTED
             if isinstance(exc.cause, UpstreamError):
                 raise to_registry_error(exc.cause, not_found=BlobUnknown) from exc.cause
             raise
-        _abort(request)
+        abort(request)
         return resp
     finally:
         os.close(fd)
@@ -687,7 +474,7 @@ async def _send_range(
         await resp.write(data)
         sent = len(data)
     if not sent:
-        raise _Aborted(StorageError("temp file shorter than written", path=""))
+        raise _Aborted(StorageError("temp file shorter than written", op="read"))
     return sent
 
 
@@ -695,11 +482,3 @@ class _Aborted(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
-
-
-def _abort(request: web.Request) -> None:
-    """Cut the client's connection so a short body can never pass for a whole one."""
-    transport = request.transport
-    if transport is not None:
-        with contextlib.suppress(Exception):
-            transport.abort()

@@ -8,22 +8,31 @@ import json
 import logging
 import ssl
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from proxy import commands
 from proxy.commands import DEFAULT_PROXY
 from proxy.config import DOCKER_HUB_URL, Config, ConfigError, load_config
 from proxy.errors import RegistryError, StorageError
-from storage import maintenance
+from storage import ContentStore, create_store, maintenance
 
 log = logging.getLogger("proxy")
+T = TypeVar("T")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
     parser.add_argument(
-        "--storage", metavar="PATH", help="cache directory (default ./regproxy-data)"
+        "--storage",
+        metavar="PATH|s3://BUCKET/PREFIX",
+        help="cache directory (default ./regproxy-data), or an S3 bucket and key prefix",
+    )
+    parser.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="with s3: this replica's own disk for downloads and hot blobs "
+        "(default ./regproxy-work)",
     )
 
 
@@ -74,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--redis", metavar="URL", help="redis://… for metadata shared by replicas (default: none)"
+    )
+    serve.add_argument(
+        "--work-max-size",
+        metavar="SIZE",
+        help="with s3: bytes of hot blobs kept in --work-dir (default 10GiB)",
+    )
+    serve.add_argument(
+        "--advertise-url",
+        metavar="URL",
+        help="where other replicas reach this one (default: from --listen / the host name)",
     )
     serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
@@ -161,6 +180,9 @@ FLAG_PATHS = {
     "redis": "redis.url",
     "tls_cert": "tls_cert",
     "tls_key": "tls_key",
+    "work_dir": "work_dir",
+    "work_max_size": "work_max_size",
+    "advertise_url": "advertise_url",
 }
 
 
@@ -259,10 +281,26 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def _storage_config(args: argparse.Namespace) -> Config:
-    config = load_config(config_file=args.config, flags={"storage": args.storage})
-    if not config.storage.is_dir():
+    config = load_config(
+        config_file=args.config, flags={"storage": args.storage, "work_dir": args.work_dir}
+    )
+    if config.s3 is None and not config.storage.is_dir():
         raise ConfigError("storage", f"{config.storage} is not a directory")
     return config
+
+
+def _with_store(config: Config, work: Callable[[ContentStore], Awaitable[T]]) -> T:
+    """Open the configured store, run ``work`` on it, close it."""
+
+    async def run() -> T:
+        store = create_store(config.storage, config.s3, config.work)
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def _print(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
@@ -282,7 +320,7 @@ def _size(n: int | None) -> str:
 
 def cmd_cache_stats(args: argparse.Namespace) -> int:
     config = _storage_config(args)
-    result = maintenance.stats(config.storage, config.cache.max_size)
+    result = _with_store(config, lambda store: maintenance.stats(store, config.cache.max_size))
     ratio = result["hit_ratio"]
     lines = [
         f"size        {_size(result['used_bytes'])} of {_size(result['limit_bytes'])}"
@@ -312,7 +350,9 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
     upstream, repository = Router(config.upstreams, config.default_upstream).route(
         ref.repository, None
     )
-    result = maintenance.purge(config.storage, upstream, repository, ref.tag)
+    result = _with_store(
+        config, lambda store: maintenance.purge(store, upstream, repository, ref.tag)
+    )
     text = (
         f"purged {result['tags']} tags of {upstream}/{repository}: "
         f"{result['files']} files, {_size(result['bytes'])} freed"
@@ -323,7 +363,7 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     config = _storage_config(args)
-    result = maintenance.gc(config.storage)
+    result = _with_store(config, maintenance.gc)
     details = ", ".join(f"{k}={v}" for k, v in sorted(result["details"].items())) or "nothing"
     _print(args, result, f"gc freed {result['files']} files, {_size(result['bytes'])} ({details})")
     return 0
@@ -331,12 +371,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     config = _storage_config(args)
-    bar = commands.progress_bar(maintenance.total_bytes(config.storage), "verifying")
-    try:
-        result = maintenance.verify(config.storage, progress=bar.update if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
+
+    async def verify(store: ContentStore) -> dict[str, Any]:
+        bar = commands.progress_bar(await maintenance.total_bytes(store), "verifying")
+        try:
+            return await maintenance.verify(store, progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    result = _with_store(config, verify)
     text = f"verified {result['checked']} files ({_size(result['bytes'])}): " + (
         "all good"
         if not result["corrupt"]

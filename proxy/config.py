@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from storage.settings import CacheSettings, S3Settings, WorkSettings
+
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 #: Hosts that name Docker Hub in containerd's ``?ns=`` and in image references.
@@ -160,20 +162,8 @@ class UpstreamConfig:
         return urlsplit(self.url).netloc
 
 
-@dataclass(frozen=True)
-class CacheConfig:
-    """Bounds of the local cache."""
-
-    #: Bytes on disk at most; unbounded when unset.
-    max_size: int | None = None
-    #: Eviction starts above this fraction of ``max_size``; defaults to 0.95.
-    high_watermark: float = 0.95
-    #: Eviction stops below this fraction of ``max_size``; defaults to 0.85.
-    low_watermark: float = 0.85
-    #: Image globs (``library/postgres:16*``) never evicted; defaults to none.
-    pin: tuple[str, ...] = ()
-    #: Also evict what was not used for this long (seconds); off when unset.
-    blob_ttl: float | None = None
+#: Bounds of the cache (typed in ``storage.settings``, loaded here).
+CacheConfig = CacheSettings
 
 
 @dataclass(frozen=True)
@@ -182,8 +172,15 @@ class Config:
 
     #: ``HOST:PORT`` to listen on; defaults to ``0.0.0.0:5000``.
     listen: str = "0.0.0.0:5000"
-    #: The cache directory; defaults to ``./regproxy-data``.
+    #: The cache directory; defaults to ``./regproxy-data`` (unused with ``s3``).
     storage: Path = Path("./regproxy-data")
+    #: The object store, when ``storage`` is ``s3://BUCKET/PREFIX``; defaults to none.
+    s3: S3Settings | None = None
+    #: This replica's own disk (spools, local read tier) with ``s3``.
+    work: WorkSettings = field(default_factory=WorkSettings)
+    #: The URL other replicas reach this one at (peer streaming); defaults to the listen
+    #: address, or the host name when listening on every interface.
+    advertise_url: str | None = None
     #: Default tag TTL in seconds; defaults to 5 minutes.
     tag_ttl: float = 300.0
     #: Logging level; defaults to ``info``.
@@ -259,10 +256,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth.token.signing_key_file"),
     Setting("auth.token.signing_key"),  # environment only: never a flag, never in a file
     Setting("auth.token.realm"),
+    Setting("work_dir", "--work-dir"),
+    Setting("work_max_size", "--work-max-size"),
+    Setting("advertise_url", "--advertise-url"),
+    Setting("s3.endpoint"),
+    Setting("s3.region"),
+    Setting("s3.access_key_id"),
+    Setting("s3.secret_access_key_file"),
+    Setting("s3.path_style"),
+    Setting("s3.redirect"),
+    Setting("s3.redirect_expiry"),
 )
 
 TOP_LEVEL_KEYS = frozenset(
-    {s.path.split(".")[0] for s in SETTINGS} | {"upstreams", "platforms", "auth", "cache", "redis"}
+    {s.path.split(".")[0] for s in SETTINGS}
+    | {"upstreams", "platforms", "auth", "cache", "redis", "s3"}
 )
 UPSTREAM_KEYS = frozenset(
     {
@@ -278,6 +286,20 @@ UPSTREAM_KEYS = frozenset(
     }
 )
 CACHE_KEYS = frozenset({"max_size", "high_watermark", "low_watermark", "pin", "blob_ttl"})
+S3_KEYS = frozenset(
+    {
+        "bucket",
+        "prefix",
+        "endpoint",
+        "region",
+        "access_key_id",
+        "secret_access_key_file",
+        "path_style",
+        "redirect",
+        "redirect_expiry",
+        "part_size",
+    }
+)
 
 
 def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
@@ -371,9 +393,23 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         _field(raw, "listen", parse_listen)
         kwargs["listen"] = str(raw["listen"]).strip()
     if "storage" in raw:
-        if not str(raw["storage"]).strip():
-            raise ConfigError("storage", "must be a directory path")
-        kwargs["storage"] = Path(str(raw["storage"]))
+        location = str(raw["storage"]).strip()
+        if not location:
+            raise ConfigError("storage", "must be a directory path or s3://BUCKET/PREFIX")
+        if location.startswith("s3://"):
+            kwargs["s3"] = _build_s3(location, _mapping(raw.get("s3"), "s3"))
+        else:
+            kwargs["storage"] = Path(location)
+    elif raw.get("s3"):
+        raise ConfigError("storage", "set storage: s3://BUCKET/PREFIX to use the s3 section")
+    work: dict[str, Any] = {}
+    if raw.get("work_dir"):
+        work["path"] = Path(str(raw["work_dir"]))
+    if raw.get("work_max_size") not in (None, ""):
+        work["max_size"] = _field(raw, "work_max_size", parse_size)
+    kwargs["work"] = WorkSettings(**work)
+    if raw.get("advertise_url"):
+        kwargs["advertise_url"] = _field(raw, "advertise_url", parse_url).rstrip("/")
     tag_ttl = _field(raw, "tag_ttl", parse_duration) if "tag_ttl" in raw else 300.0
     kwargs["tag_ttl"] = tag_ttl
     if "log_level" in raw:
@@ -411,6 +447,45 @@ def build_config(raw: Mapping[str, Any]) -> Config:
 
     load_auth(kwargs["auth"])
     return Config(**kwargs)
+
+
+def _build_s3(location: str, section: Mapping[str, Any]) -> S3Settings:
+    _check_keys(section, S3_KEYS, "s3.")
+    parts = urlsplit(location)
+    bucket = parts.netloc
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ConfigError("storage", f"{bucket!r} is not an S3 bucket name (s3://BUCKET/PREFIX)")
+    prefix = parts.path.strip("/")
+    if section.get("bucket") and str(section["bucket"]) != bucket:
+        raise ConfigError("s3.bucket", "differs from the bucket in storage: s3://…")
+    if section.get("prefix") not in (None, "") and not prefix:
+        prefix = str(section["prefix"]).strip("/")
+    kwargs: dict[str, Any] = {"bucket": bucket, "prefix": prefix}
+    for key in ("endpoint", "region", "access_key_id"):
+        if section.get(key):
+            kwargs[key] = str(section[key])
+    if kwargs.get("endpoint"):
+        kwargs["endpoint"] = _field(section, "endpoint", parse_url, "s3.")
+    if section.get("secret_access_key_file"):
+        kwargs["secret_access_key"] = _read_secret(
+            section["secret_access_key_file"], "s3.secret_access_key_file"
+        )
+    if bool(kwargs.get("access_key_id")) != bool(kwargs.get("secret_access_key")):
+        raise ConfigError("s3.access_key_id", "set it with s3.secret_access_key_file, or neither")
+    for key in ("path_style", "redirect"):
+        if section.get(key) not in (None, ""):
+            kwargs[key] = _field(section, key, parse_bool, "s3.")
+    if section.get("redirect_expiry") not in (None, ""):
+        expiry = _field(section, "redirect_expiry", parse_duration, "s3.")
+        if not 1 <= expiry <= 7 * 86400:
+            raise ConfigError("s3.redirect_expiry", "must be between 1s and 7 days")
+        kwargs["redirect_expiry"] = expiry
+    if section.get("part_size") not in (None, ""):
+        part = _field(section, "part_size", parse_size, "s3.")
+        if not 5 * 1024 * 1024 <= part <= 5 * 1024**3:
+            raise ConfigError("s3.part_size", "must be between 5 MiB and 5 GiB")
+        kwargs["part_size"] = part
+    return S3Settings(**kwargs)
 
 
 def _build_cache(section: Mapping[str, Any]) -> CacheConfig:

@@ -22,7 +22,7 @@ Hierarchy::
     │   ├── UpstreamStatus            an HTTP status we did not expect (carries it)
     │   ├── UpstreamRateLimited       429, with Retry-After
     │   └── UpstreamContentError      bytes that do not match their digest or size
-    └── StorageError                  the local disk failed (never reported as a miss)
+    StorageError (storage.errors)     the store failed (disk, object store); never a miss
 
 Foreign exceptions (``aiohttp.ClientError``, ``OSError``) are translated where they are raised, in
 ``proxy.upstream`` and ``storage``, and re-raised ``from`` the original.
@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from aiohttp import web
+
+from storage.errors import StorageError as StorageError  # raised by storage, 503 here
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +184,6 @@ class UpstreamRateLimited(UpstreamStatus):
 
 class UpstreamContentError(UpstreamError):
     """Bytes from upstream that do not match their digest, size or media type."""
-
-
-class StorageError(RegproxyError):
-    """The local storage failed: I/O error, disk full, permission denied."""
-
-    def __init__(self, message: str, *, path: str = "") -> None:
-        super().__init__(f"{message}: {path}" if path else message)
-        self.path = path
 
 
 def to_registry_error(exc: UpstreamError, *, not_found: type[RegistryError]) -> RegistryError:

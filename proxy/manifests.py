@@ -34,7 +34,8 @@ from proxy.errors import (
 from proxy.reference import digest_of, is_digest
 from proxy.singleflight import SingleFlight
 from proxy.upstream import ACCEPT_MANIFESTS, MANIFEST_TYPES, Upstream
-from storage.base import ContentStore, MetadataStore, TagEntry
+from storage.base import MetadataStore, TagEntry
+from storage.content import ContentStore
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,9 @@ regproxy_storage_bytes                     bytes of blobs and manifests on disk
 regproxy_storage_limit_bytes               ``cache.max_size`` (0: unbounded)
 regproxy_evictions_total{kind}             files removed by eviction
 regproxy_inflight_downloads                blob downloads from upstream in progress
-regproxy_storage_errors_total{op}          local disk failures (never silent misses)
+regproxy_storage_errors_total{op}          storage failures (never silent misses)
+regproxy_storage_requests_total{op,status}  requests to the object store (S3): ok|not_found|error
+regproxy_storage_request_duration_seconds{op}  their latency (histogram)
 =========================================  ==========================================
 """
 
@@ -24,14 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import time
 from collections import Counter as Tally
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from storage.content import ContentStore
+from storage.errors import StorageError
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -111,7 +114,20 @@ class Metrics:
             "regproxy_inflight_downloads", "Blob downloads from upstream in progress", registry=r
         )
         self.storage_errors = Counter(
-            "regproxy_storage_errors", "Local storage failures", ["op"], registry=r
+            "regproxy_storage_errors", "Storage failures", ["op"], registry=r
+        )
+        self.storage_requests = Counter(
+            "regproxy_storage_requests",
+            "Requests to the object store",
+            ["op", "status"],
+            registry=r,
+        )
+        self.storage_duration = Histogram(
+            "regproxy_storage_request_duration_seconds",
+            "Latency of requests to the object store",
+            ["op"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
         )
         for kind in ("blob", "manifest"):
             self.hits.labels(kind)
@@ -120,29 +136,36 @@ class Metrics:
         for source in ("cache", "upstream"):
             self.served_bytes.labels(source)
 
+    def storage_request(self, op: str, status: str, seconds: float) -> None:
+        """One request to the object store (``storage.base.StorageDriver.on_request``)."""
+        self.storage_requests.labels(op, status).inc()
+        self.storage_duration.labels(op).observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class UsageStats:
-    """Counts that ``regproxy cache stats`` reads from disk: hits, misses, pulls per repository.
+    """What ``regproxy cache stats`` reads from the store: hits, misses, pulls per repository.
 
-    Kept in ``<storage>/stats/<host>.json``, one file per replica, continued across restarts.
+    Kept in ``stats/<host>.json`` of the store, one per replica, continued across restarts.
     """
 
-    def __init__(self, root: Path, name: str | None = None) -> None:
-        self.path = root / "stats" / f"{name or socket.gethostname()}.json"
+    def __init__(self, name: str | None = None) -> None:
+        self.name = f"stats/{name or socket.gethostname()}.json"
         self.hits = 0
         self.misses = 0
         self.pulls: Tally[str] = Tally()
         self.ratelimit: dict[str, int] = {}
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            previous = json.loads(self.path.read_text())
+
+    async def load(self, store: ContentStore) -> None:
+        with contextlib.suppress(StorageError, ValueError, TypeError, AttributeError):
+            previous = json.loads(await store.get_file(self.name) or b"{}")
             self.hits = int(previous.get("hits", 0))
             self.misses = int(previous.get("misses", 0))
             self.pulls.update({str(k): int(v) for k, v in previous.get("pulls", {}).items()})
 
-    def save(self) -> None:
+    async def save(self, store: ContentStore) -> None:
         doc = {
             "hits": self.hits,
             "misses": self.misses,
@@ -150,7 +173,4 @@ class UsageStats:
             "ratelimit_remaining": self.ratelimit,
             "updated_at": time.time(),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.path)
+        await store.put_file(self.name, json.dumps(doc).encode())

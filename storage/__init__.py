@@ -1,8 +1,18 @@
-"""Storage backends and cache metadata.
+"""Storage: a small driver contract, two drivers, and content, metadata and eviction on top.
 
-The contract is in :mod:`storage.base`; :mod:`storage.filesystem` is the embedded default.
+Modules::
 
-On-disk layout (the ``--storage`` directory)::
+    storage.base         the contract: StorageDriver (bytes by key), BlobWriter, TagEntry
+    storage.errors       StorageError, DigestMismatch (storage imports nothing from proxy/)
+    storage.settings     typed settings: CacheSettings, S3Settings, WorkSettings
+    storage.content      ContentStore: blobs and manifests by digest, records, listings
+    storage.filesystem   the filesystem driver (default)
+    storage.s3           the S3 driver (aiobotocore), with storage.tier, the local read tier
+    storage.eviction     size accounting and LRU eviction over any driver
+    storage.maintenance  stats, purge, gc, verify over any driver
+    storage.redis        shared metadata and cross-replica single flight
+
+Keys (the same on both drivers: under the directory, or under ``<prefix>/`` in the bucket)::
 
     <root>/
     ├── blobs/<alg>/<hh>/<hex>                  blob bytes, verified, shared by every repository
@@ -14,31 +24,73 @@ On-disk layout (the ``--storage`` directory)::
     │   ├── _synth/<tag>                        the synthesized index's digest and entries
     │   ├── _sources/<digest>                   {"upstream","repository"} a child comes from
     │   └── _links/<digest>                     this repository is known to hold the digest
-    ├── tmp/<instance>/                         downloads in progress of one running process,
-    │   ├── .lock                               flock'ed while it lives; the directory of a dead
-    │   └── <hex16>-<uuid>                      process is removed at the next start
     ├── stats/<host>.json                       hit/miss/pull counts for ``regproxy cache stats``
-    └── quarantine/<kind>/<alg>-<hex>           files ``regproxy verify`` found corrupt
+    ├── quarantine/<kind>/<alg>-<hex>           (filesystem) what ``regproxy verify`` found corrupt
+    └── tmp/<instance>/                         (filesystem) writes in progress of one process:
+        ├── .lock                               flock'ed while it lives; the directory of a dead
+        └── <hex16>-<uuid>                      process is removed at the next start
 
-With ``--redis`` (keys made by ``storage.redis.key`` only; every record is also written to disk)::
+On S3, each replica's ``--work-dir`` (its own disk; losing it loses nothing)::
+
+    <work-dir>/
+    ├── tmp/<instance>/                         spools of downloads in flight (flock'ed as above)
+    │   ├── <hex16>-<uuid>                      the bytes so far, followed by local readers
+    │   └── <hex16>-<uuid>.upload               {"key","upload_id"}: aborted if the process died
+    └── tier/blobs/<alg>/<hh>/<hex>             the local read tier: verified hot blobs, LRU,
+                                                bounded by ``--work-max-size``
+
+With ``--redis`` (keys made by ``storage.redis.key`` only; every record is also in the store)::
 
     regproxy:tag:<upstream>:<repository>:<tag>          tag answer (JSON, as ``_tags/<tag>``)
     regproxy:rec:<upstream>:<repository>:<kind>:<key>   records: sources, synth, tagslist
     regproxy:access                                     ZSET digest -> last use (unix time)
     regproxy:lock:blob:<digest>                         the replica downloading it (30 s TTL,
                                                         refreshed while it runs)
-    regproxy:inflight:<digest>                          {"path","size","owner","upstream",
-                                                        "repository"}: its temp file,
-                                                        which other replicas stream as it grows
+    regproxy:inflight:<digest>                          {"url","size","owner","upstream",
+                                                        "repository"}: where other replicas
+                                                        stream the download from
+    regproxy:peer-token                                 the secret replicas show each other
 
 ``<upstream>`` is the configured upstream name (``docker.io``, ``ghcr.io``, ``corp``), so tags
 of different registries never collide; blobs and manifests are content-addressed and shared.
 ``<hh>`` is the first two hex digits of the digest, to keep directories small. Repository names,
-tags and digests are validated against the distribution grammar before they become paths, so no
+tags and digests are validated against the distribution grammar before they become keys, so no
 component can be ``..`` or contain ``/`` where it should not.
 """
 
-from storage.base import BlobWriter, ContentStore, MetadataStore, TagEntry
-from storage.filesystem import FilesystemStorage
+from __future__ import annotations
 
-__all__ = ["BlobWriter", "ContentStore", "FilesystemStorage", "MetadataStore", "TagEntry"]
+from pathlib import Path
+
+from storage.base import BlobWriter, LocalFile, MetadataStore, ObjectInfo, StorageDriver, TagEntry
+from storage.content import ContentStore
+from storage.errors import DigestMismatch, StorageError
+from storage.filesystem import FilesystemDriver
+from storage.settings import CacheSettings, S3Settings, WorkSettings
+
+
+def create_store(root: Path, s3: S3Settings | None, work: WorkSettings) -> ContentStore:
+    """The store for a configuration: S3 when ``s3`` is set, else the directory ``root``."""
+    if s3 is not None:
+        from storage.s3 import S3Driver  # aiobotocore is only imported when it is used
+
+        return ContentStore(S3Driver(s3, work))
+    return ContentStore(FilesystemDriver(root))
+
+
+__all__ = [
+    "BlobWriter",
+    "CacheSettings",
+    "ContentStore",
+    "DigestMismatch",
+    "FilesystemDriver",
+    "LocalFile",
+    "MetadataStore",
+    "ObjectInfo",
+    "S3Settings",
+    "StorageDriver",
+    "StorageError",
+    "TagEntry",
+    "WorkSettings",
+    "create_store",
+]

@@ -1,67 +1,129 @@
-"""The storage contract: content-addressed blobs and manifests, plus small metadata records.
+"""The storage contract: a small driver of bytes by key, composed by ``storage.content``.
 
-A backend stores immutable content by digest (:class:`ContentStore`) and mutable, namespaced records
-(:class:`MetadataStore`): tag -> digest answers, cached tag lists. Writes of content go through a
-:class:`BlobWriter`; nothing is readable under its digest before ``commit`` has verified it.
+A driver (:class:`StorageDriver`) stores opaque objects under ``/``-separated keys
+(``blobs/sha256/ab/ab12…``, ``repositories/docker.io/library/alpine/_tags/3``). It knows nothing
+of digests, manifests or tags; :class:`storage.content.ContentStore` builds those on top of it, the
+same way for every backend. Two drivers exist: :mod:`storage.filesystem` and :mod:`storage.s3`.
 
-Every method raises :class:`proxy.errors.StorageError` for an I/O failure. "Not there" is ``None``,
-never an exception, and an I/O failure is never reported as "not there".
+Large content goes through a :class:`BlobWriter`: it spools to a local file that other readers may
+follow while it grows, hashes as it goes, and makes the object visible under its key only in
+``commit``, after size and digest were verified. Committed content is read back either as a local
+file (for ``sendfile``), when the backend has one here, or as an async byte stream with an offset
+and length.
+
+Every method raises :class:`storage.errors.StorageError` for an I/O failure. "Not there" is
+``None`` (or ``False``), never an exception, and an I/O failure is never reported as "not there".
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 
-class BlobWriter(Protocol):
-    """One upload into the store. Readable by others, at ``path``, while it is written."""
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One stored object: its key, size in bytes and last modification (unix time)."""
 
-    #: The in-progress file; other readers may follow it as it grows.
+    key: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A committed object held in a local file (zero-copy serving)."""
+
+    path: Path
+    size: int
+
+
+class BlobWriter(Protocol):
+    """One upload. Other readers may follow ``path`` while it grows."""
+
+    #: The local file holding the bytes written so far.
     path: Path
     #: Bytes written so far.
     size: int
 
-    def write(self, data: bytes) -> None:
-        """Append ``data``. Raises StorageError (e.g. disk full)."""
+    async def write(self, data: bytes) -> None:
+        """Append ``data``. Raises StorageError (disk full, object store away)."""
 
     async def commit(self, expected_digest: str, expected_size: int | None = None) -> None:
-        """Verify size and digest, make the content durable and visible under its digest.
+        """Verify size and digest, then make the object durable and visible under its key.
 
-        Raises UpstreamContentError if the bytes do not match (and cancels the write).
+        Raises DigestMismatch (after cancelling) if the bytes do not match, StorageError if the
+        backend fails (also after cancelling: nothing is left half-visible).
         """
 
     async def cancel(self) -> None:
-        """Discard the upload. Safe to call after commit or twice."""
+        """Discard the upload (and its local file). Safe after commit, and twice."""
 
 
-class ContentStore(Protocol):
-    """Immutable content by digest: blobs (layers, configs) and manifests."""
+class StorageDriver(Protocol):
+    """Bytes by key. ``name`` is ``filesystem`` or ``s3``; ``location`` is for logs."""
 
-    #: The directory holding local files (committed blobs and writes in progress).
-    root: Path
+    name: str
+    location: str
+    #: This process's id (temp directories, locks).
+    instance: str
+    #: Called with (operation, status, seconds) for every remote request (metrics); optional.
+    on_request: Callable[[str, str, float], None] | None
+    #: Temp files (and sizes) a dead process left, removed by ``open``.
+    leftovers: list[tuple[Path, int]]
 
-    async def stat_blob(self, digest: str) -> int | None:
-        """Size of the committed blob, or None if it is not stored."""
+    async def open(self) -> None:
+        """Prepare for use: check the location is reachable, clean what a dead process left."""
 
-    def blob_path(self, digest: str) -> Path:
-        """The local file holding the committed blob (for zero-copy serving); may not exist."""
+    async def close(self) -> None:
+        """Release clients and this process's temp files."""
 
-    def blob_writer(self, digest: str) -> BlobWriter:
-        """Start writing the blob ``digest``."""
+    async def check_ready(self) -> list[str]:
+        """Problems that make this storage unfit to serve now (unwritable, full, unreachable)."""
 
-    async def delete_blob(self, digest: str) -> bool:
-        """Remove the blob; True if it was there."""
+    async def get(self, key: str) -> bytes | None:
+        """A whole (small) object, or None."""
 
-    async def get_manifest(self, digest: str) -> tuple[bytes, str] | None:
-        """``(bytes, media_type)`` of a stored manifest, or None."""
+    async def put(self, key: str, data: bytes) -> None:
+        """Store a whole (small) object, replacing any previous one atomically."""
 
-    async def put_manifest(self, digest: str, data: bytes, media_type: str) -> None:
-        """Store verified manifest bytes with their media type (verifies ``digest`` again)."""
+    async def stat(self, key: str) -> ObjectInfo | None:
+        """Size and mtime of an object, or None."""
 
-    async def delete_manifest(self, digest: str) -> bool:
-        """Remove the manifest; True if it was there."""
+    async def delete(self, key: str) -> bool:
+        """Remove an object (and any local copy); True if it was there."""
+
+    def walk(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (a directory: ends with ``/``)."""
+
+    def writer(self, key: str, algorithm: str) -> BlobWriter:
+        """Start a durable upload to ``key``, hashed with ``algorithm``."""
+
+    def tier_writer(self, key: str, algorithm: str) -> BlobWriter | None:
+        """Start filling the local read tier with a committed object; None if every object is
+        local already (the filesystem)."""
+
+    def local(self, key: str) -> LocalFile | None:
+        """The local file of a committed object, if this process has one."""
+
+    async def read(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes] | None:
+        """Open ``length`` bytes (all when None) of an object from ``offset``; None if absent.
+
+        The returned iterator yields the bytes; a failure while reading raises StorageError.
+        """
+
+    async def url_for(self, key: str, expires: float) -> str | None:
+        """A URL a client may GET the object from directly, or None if there is none."""
+
+    def touch(self, key: str) -> None:
+        """Note that an object was used now (recency for eviction), where the backend can."""
+
+    async def quarantine(self, key: str, name: str) -> str:
+        """Set a corrupt object aside as ``quarantine/<name>`` (or delete it); say where."""
 
 
 @dataclass(frozen=True, slots=True)

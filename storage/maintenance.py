@@ -1,77 +1,58 @@
-"""Offline-safe maintenance of a storage directory: stats, purge, gc, verify.
+"""Maintenance of a store, stopped or in use: stats, purge, gc, verify.
 
-Each works on the directory of a stopped or a running proxy: it only reads files, removes whole
-files (``unlink`` is atomic; a reader that has the file open keeps it) and moves corrupt files
-aside with ``rename``. It never rewrites a file in place.
+Each works on any driver (a directory or a bucket prefix). It only reads objects, removes whole
+objects (atomic on both backends: a reader that has a file open keeps it) and sets corrupt content
+aside — moved to ``quarantine/`` on the filesystem, deleted on object storage. It never rewrites
+an object in place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from storage.eviction import _collect, scan
-from storage.filesystem import FilesystemStorage, content_path
+from storage.content import ContentStore, content_key, parse_tag
 
 #: Unreferenced blobs younger than this are left alone by gc (a pull may be between its
 #: manifest and its blobs, or a client may fetch a blob by digest alone).
 GC_MIN_AGE = 3600.0
 
 
-def tag_records(root: Path) -> Iterator[tuple[str, str, str, Path]]:
-    """``(upstream, repository, tag, path)`` of every remembered tag."""
-    repos = root / "repositories"
-    if not repos.is_dir():
-        return
-    for path in repos.glob("**/_tags/*"):
-        parts = path.relative_to(repos).parts
-        yield parts[0], "/".join(parts[1:-2]), parts[-1], path
+async def _tag_digest(store: ContentStore, upstream: str, repository: str, tag: str) -> str | None:
+    raw = await store.get_record(upstream, repository, "tags", tag)
+    entry = parse_tag(raw) if raw is not None else None
+    return entry.digest if entry is not None else None
 
 
-def _tag_digest(path: Path) -> str | None:
-    try:
-        return str(json.loads(path.read_text())["digest"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def reachable(root: Path, records: list[Path]) -> set[str]:
-    """Digests of the manifests and blobs reachable from these tag records."""
-    found: set[str] = set()
-    for path in records:
-        digest = _tag_digest(path)
-        if digest:
-            _collect(root, digest, found)
-    return found
-
-
-def _read_stats(root: Path) -> list[dict[str, Any]]:
+async def _read_stats(store: ContentStore) -> list[dict[str, Any]]:
     results = []
-    for path in sorted((root / "stats").glob("*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            results.append(json.loads(path.read_text()))
+    for name in sorted(await store.list_files("stats/")):
+        if not name.endswith(".json"):
+            continue
+        raw = await store.get_file(name)
+        try:
+            doc = json.loads(raw or b"")
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            results.append(doc)
     return results
 
 
-def stats(root: Path, limit: int | None, top: int = 10) -> dict[str, Any]:
+async def stats(store: ContentStore, limit: int | None, top: int = 10) -> dict[str, Any]:
     """Size against limit, hit ratio, top repositories by stored bytes and by pulls."""
-    files = scan(root)
+    files = await store.list_content()
     size_of = {f.digest: f.size for f in files}
-    used = sum(size_of.values())
     by_repo: dict[str, set[str]] = defaultdict(set)
-    for upstream, repository, _, path in tag_records(root):
-        digest = _tag_digest(path)
+    for record in await store.list_tags():
+        digest = await _tag_digest(store, record.upstream, record.repository, record.tag)
         if digest:
-            _collect(root, digest, by_repo[f"{upstream}/{repository}"])
+            await store.reachable(digest, by_repo[f"{record.upstream}/{record.repository}"])
     stored = sorted(
         ((repo, sum(size_of.get(d, 0) for d in digests)) for repo, digests in by_repo.items()),
         key=lambda item: (-item[1], item[0]),
@@ -79,14 +60,15 @@ def stats(root: Path, limit: int | None, top: int = 10) -> dict[str, Any]:
     hits = misses = 0
     pulls: dict[str, int] = defaultdict(int)
     ratelimit: dict[str, Any] = {}
-    for snapshot in _read_stats(root):
+    for snapshot in await _read_stats(store):
         hits += int(snapshot.get("hits", 0))
         misses += int(snapshot.get("misses", 0))
         for repo, count in (snapshot.get("pulls") or {}).items():
             pulls[repo] += int(count)
         ratelimit.update(snapshot.get("ratelimit_remaining") or {})
     return {
-        "used_bytes": used,
+        "storage": store.driver.location,
+        "used_bytes": sum(size_of.values()),
         "limit_bytes": limit,
         "files": {
             "blobs": sum(f.kind == "blob" for f in files),
@@ -110,90 +92,90 @@ class Freed:
     bytes: int = 0
     details: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, what: str, path: Path) -> None:
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
+    async def remove(self, store: ContentStore, what: str, key: str) -> None:
+        info = await store.driver.stat(key)
+        if info is None or not await store.driver.delete(key):
             return
         self.files += 1
-        self.bytes += size
+        self.bytes += info.size
         self.details[what] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {"files": self.files, "bytes": self.bytes, "details": dict(self.details)}
 
 
-def purge(root: Path, upstream: str, repository: str, tag: str | None) -> dict[str, Any]:
+async def purge(
+    store: ContentStore, upstream: str, repository: str, tag: str | None
+) -> dict[str, Any]:
     """Forget a tag (or every tag of a repository) and the content only it referenced."""
-    records = list(tag_records(root))
+    records = await store.list_tags()
     doomed = [
-        p
-        for u, r, t, p in records
-        if u == upstream and r == repository and (tag is None or t == tag)
+        r
+        for r in records
+        if r.upstream == upstream and r.repository == repository and (tag is None or r.tag == tag)
     ]
     if not doomed:
         return {"tags": 0, **Freed().as_dict()}
-    candidates = reachable(root, doomed)
-    keep = reachable(root, [p for *_, p in records if p not in set(doomed)])
+    candidates: set[str] = set()
+    keep: set[str] = set()
+    for record in records:
+        digest = await _tag_digest(store, record.upstream, record.repository, record.tag)
+        if digest:
+            await store.reachable(digest, candidates if record in doomed else keep)
     freed = Freed()
-    for path in doomed:
-        freed.add("tag", path)
-    repo_dir = root / "repositories" / upstream / repository
+    base = f"repositories/{upstream}/{repository}/"
+    for record in doomed:
+        await freed.remove(store, "tag", f"{base}_tags/{record.tag}")
+        await store.delete_tag(upstream, repository, record.tag)
     for kind in ("synth", "tagslist"):
-        for path in (repo_dir / f"_{kind}").glob("*"):
-            if kind == "tagslist" or tag is None or path.name == tag:
-                freed.add(kind, path)
+        for key in await store.list_files(f"{base}_{kind}/"):
+            if kind == "tagslist" or tag is None or key.rsplit("/", 1)[-1] == tag:
+                await freed.remove(store, kind, key)
     for digest in sorted(candidates - keep):
-        manifest = content_path(root, "manifests", digest)
-        if manifest.exists():
-            freed.add("manifest", manifest)
-            with contextlib.suppress(FileNotFoundError):
-                manifest.with_name(manifest.name + ".type").unlink()
-        freed.add("blob", content_path(root, "blobs", digest))
+        store.forget(digest)
+        manifest = content_key("manifests", digest)
+        await freed.remove(store, "manifest", manifest)
+        await store.driver.delete(manifest + ".type")
+        await freed.remove(store, "blob", content_key("blobs", digest))
     return {"tags": len(doomed), **freed.as_dict()}
 
 
-def gc(root: Path, *, min_age: float = GC_MIN_AGE) -> dict[str, Any]:
-    """Remove what a crash or an interrupted write left behind."""
+async def gc(store: ContentStore, *, min_age: float = GC_MIN_AGE) -> dict[str, Any]:
+    """Remove what a crash or an interrupted write left behind.
+
+    Temp files of dead processes are removed (and their uploads aborted) at every start of a
+    proxy; this removes half-written manifests and blobs no stored manifest references.
+    """
     freed = Freed()
-    # temp files of processes that are gone (a live process holds a lock on its directory)
-    tmp = root / "tmp"
-    if tmp.is_dir():
-        for entry in tmp.iterdir():
-            if entry.is_dir() and not FilesystemStorage._owned_by_live_process(entry):
-                for path in entry.iterdir():
-                    if path.name != ".lock":
-                        freed.add("temp", path)
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.is_file():
-                freed.add("temp", entry)
-    # half-written manifests: bytes without a type or a type without bytes
-    manifests = root / "manifests"
-    if manifests.is_dir():
-        for path in manifests.glob("*/*/*"):
-            if path.name.endswith(".type"):
-                # written just before its manifest: give a running proxy's write time to finish
-                young = time.time() - path.stat().st_mtime < 60
-                if not young and not path.with_name(path.name[: -len(".type")]).exists():
-                    freed.add("manifest-type", path)
-            elif not path.with_name(path.name + ".type").exists():
-                freed.add("manifest", path)
-    # blobs no stored manifest references
-    referenced: set[str] = set()
-    for item in scan(root):
-        if item.kind == "manifest":
-            _collect(root, item.digest, referenced, depth=2)
+    for _, size in store.driver.leftovers:  # removed by open(), just before this
+        freed.files += 1
+        freed.bytes += size
+        freed.details["temp"] += 1
     now = time.time()
-    for item in scan(root):
+    keys = {info.key: info async for info in store.driver.walk("manifests/")}
+    for key, info in keys.items():
+        if key.endswith(".type"):
+            # written just before its manifest: give a running proxy's write time to finish
+            if now - info.mtime >= 60 and key[: -len(".type")] not in keys:
+                await freed.remove(store, "manifest-type", key)
+        elif key + ".type" not in keys:
+            await freed.remove(store, "manifest", key)
+    files = await store.list_content()
+    referenced: set[str] = set()
+    for item in files:
+        if item.kind == "manifest":
+            await store.reachable(item.digest, referenced, depth=2)
+    for item in files:
         if item.kind == "blob" and item.digest not in referenced and now - item.mtime > min_age:
-            freed.add("unreferenced-blob", item.path)
+            await freed.remove(store, "unreferenced-blob", content_key("blobs", item.digest))
     return freed.as_dict()
 
 
-def verify(root: Path, *, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Re-hash every stored blob and manifest; move mismatches to ``quarantine/``."""
-    files = scan(root)
+async def verify(
+    store: ContentStore, *, progress: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Re-hash every stored blob and manifest; set mismatches aside (see the module doc)."""
+    files = await store.list_content()
     bad = []
     checked = 0
     for item in files:
@@ -202,25 +184,23 @@ def verify(root: Path, *, progress: Callable[[int], None] | None = None) -> dict
             hasher = hashlib.new(algorithm)
         except ValueError:
             continue
-        try:
-            with open(item.path, "rb") as handle:
-                while chunk := handle.read(1024 * 1024):
-                    hasher.update(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-        except FileNotFoundError:
+        key = content_key("blobs" if item.kind == "blob" else "manifests", item.digest)
+        stream = await store.driver.read(key)
+        if stream is None:
             continue  # evicted meanwhile
+        async for chunk in stream:
+            hasher.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
         checked += 1
         if hasher.hexdigest() != hexpart:
-            target = root / "quarantine" / item.kind / f"{algorithm}-{hexpart}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(item.path, target)
+            store.forget(item.digest)
+            where = await store.driver.quarantine(key, f"{item.kind}/{algorithm}-{hexpart}")
             if item.kind == "manifest":
-                with contextlib.suppress(FileNotFoundError):
-                    item.path.with_name(item.path.name + ".type").unlink()
-            bad.append({"kind": item.kind, "digest": item.digest, "quarantined": str(target)})
+                await store.driver.delete(key + ".type")
+            bad.append({"kind": item.kind, "digest": item.digest, "quarantined": where})
     return {"checked": checked, "bytes": sum(f.size for f in files), "corrupt": bad}
 
 
-def total_bytes(root: Path) -> int:
-    return sum(f.size for f in scan(root))
+async def total_bytes(store: ContentStore) -> int:
+    return sum(f.size for f in await store.list_content())

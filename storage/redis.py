@@ -1,9 +1,10 @@
-"""Shared metadata in Redis, so that replicas on one storage volume act as one cache.
+"""Shared metadata in Redis, so that replicas on one store act as one cache.
 
 :class:`RedisMetadata` keeps tag answers, source mappings and other records in Redis and writes
-them through to the filesystem store too; reads prefer Redis. :class:`RedisCoordinator` gives a
-cross-replica single-flight lock for blob downloads and publishes where the owner's temp file is,
-so another replica can stream the growing file instead of fetching upstream again.
+them through to the store too (a directory or a bucket); reads prefer Redis.
+:class:`RedisCoordinator` gives a cross-replica single-flight lock for blob downloads and
+publishes the owner's ``--advertise-url``, so another replica can stream the download from it
+instead of fetching upstream again; the fleet's shared secret for peer requests lives here too.
 
 Redis is a help, never a dependency of a pull: every call that fails (refused, timeout, any
 ``redis.RedisError``) is logged (at most every 30 s) and the caller falls back to the filesystem
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,7 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from storage.base import TagEntry
-from storage.filesystem import FilesystemStorage
+from storage.content import ContentStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def connect(url: str) -> aioredis.Redis:
 class RedisMetadata:
     """MetadataStore in Redis, written through to ``disk`` and falling back to it."""
 
-    def __init__(self, client: aioredis.Redis, disk: FilesystemStorage) -> None:
+    def __init__(self, client: aioredis.Redis, disk: ContentStore) -> None:
         self.client = client
         self.disk = disk
         self.guard = _Guard()
@@ -150,11 +152,12 @@ class RedisCoordinator:
         await self.guard(call, None)
 
     async def publish(
-        self, digest: str, path: str, size: int | None, upstream: str, repository: str
+        self, digest: str, url: str, size: int | None, upstream: str, repository: str
     ) -> None:
+        """Say that this replica, reachable at ``url``, downloads ``digest``."""
         value = json.dumps(
             {
-                "path": path,
+                "url": url,
                 "size": size,
                 "owner": self.instance,
                 "upstream": upstream,
@@ -177,6 +180,18 @@ class RedisCoordinator:
 
     async def locked(self, digest: str) -> bool:
         return bool(await self.guard(lambda: self.client.exists(key("lock", "blob", digest)), 0))
+
+    async def peer_token(self) -> str | None:
+        """The fleet's shared secret for peer streaming (made by the first replica to ask)."""
+
+        async def call() -> object:
+            await self.client.set(key("peer-token"), secrets.token_hex(16), nx=True)
+            return await self.client.get(key("peer-token"))
+
+        raw = await self.guard(call, None)
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     async def accessed(self, digests: dict[str, float]) -> None:
         if digests:

@@ -10,6 +10,8 @@ seeded_registry    session    one registry holding ``STANDARD_IMAGES`` (``Seeded
 token_registry     function   registry behind a ``TokenIssuer`` with one image (``TokenRegistry``)
 front              function   factory: ``front(upstream) -> Front`` (started, stopped at teardown)
 proxy_factory      function   factory: ``proxy_factory(upstream_url, **kw) -> ProxyProcess``
+seaweed            session    SeaweedFS (``weed mini``), a real S3 store (``SeaweedS3``); make a
+                              bucket per test with ``seaweed.bucket()``
 =================  =========  ==============================================================
 
 Every server listens on 127.0.0.1 only and is stopped by the fixture that started it.
@@ -28,6 +30,7 @@ import pytest
 from tests.harness.front import Front
 from tests.harness.images import SeededRegistry, seed_image, seed_standard_images
 from tests.harness.proxyproc import ProxyProcess
+from tests.harness.seaweed import SeaweedS3
 from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry, start_registry
 from tests.harness.tokens import TokenIssuer, TokenRegistry
@@ -134,3 +137,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()

@@ -14,7 +14,6 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from storage.maintenance import total_bytes
 from tests.harness.front import Front, Status
 from tests.harness.images import SeededImage, SeededRegistry, seed_image, tag_image
 from tests.harness.proxyproc import ProxyProcess
@@ -24,6 +23,16 @@ from tests.test_read_path import error_code, fetch, sha256
 ProxyFactory = Callable[..., ProxyProcess]
 FrontFactory = Callable[..., Front]
 MiB = 1024 * 1024
+
+
+def total_bytes(root: Path) -> int:
+    """Bytes of committed blobs and manifests under a storage directory."""
+    return sum(
+        p.stat().st_size
+        for kind in ("blobs", "manifests")
+        for p in (root / kind).glob("*/*/*")
+        if not p.name.endswith(".type")
+    )
 
 
 async def metrics(proxy: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -1,4 +1,4 @@
-"""The storage contract, run against every backend (today: the filesystem)."""
+"""The storage contract, one suite run against every driver: the filesystem and S3 (SeaweedFS)."""
 
 from __future__ import annotations
 
@@ -6,83 +6,170 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from proxy.errors import StorageError, UpstreamContentError
-from storage import FilesystemStorage, MetadataStore, TagEntry
+from storage import (
+    ContentStore,
+    DigestMismatch,
+    MetadataStore,
+    S3Settings,
+    StorageError,
+    TagEntry,
+    WorkSettings,
+    create_store,
+)
 from storage.redis import RedisMetadata, connect
 from tests.harness.redis import RedisServer
+from tests.harness.seaweed import SeaweedS3
 
 
 def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(params=["filesystem"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FilesystemStorage]:
-    backend = FilesystemStorage(tmp_path / "root")
-    backend.open()
+def s3_settings(seaweed: SeaweedS3, bucket: str, **kwargs: object) -> S3Settings:
+    env = seaweed.env()
+    return S3Settings(
+        bucket=bucket,
+        prefix="cache",
+        endpoint=seaweed.endpoint,
+        access_key_id=env["AWS_ACCESS_KEY_ID"],
+        secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ContentStore]:
+    s3 = None
+    if request.param == "s3":
+        seaweed: SeaweedS3 = request.getfixturevalue("seaweed")
+        # a small part size would be refused by S3; 5 MiB keeps the multipart tests quick
+        s3 = s3_settings(seaweed, seaweed.bucket(), part_size=5 * 1024 * 1024)
+    backend = create_store(tmp_path / "root", s3, WorkSettings(tmp_path / "work", 64 * 1024**2))
+    await backend.open()
     yield backend
-    backend.close()
-    leftovers = list((tmp_path / "root" / "tmp").iterdir())
+    await backend.close()
+    tmp = tmp_path / ("work" if s3 else "root") / "tmp"
+    leftovers = list(tmp.iterdir())
     assert leftovers == [], f"temp files left behind: {leftovers}"
+    if s3 is not None:
+        assert seaweed.uploads(s3.bucket) == [], "multipart uploads left behind"
 
 
-async def test_blob_invisible_until_commit(store: FilesystemStorage) -> None:
-    data = os.urandom(100_000)
+async def read_all(
+    store: ContentStore, dgst: str, offset: int = 0, length: int | None = None
+) -> bytes:
+    stream = await store.read_blob(dgst, offset, length)
+    assert stream is not None
+    return b"".join([chunk async for chunk in stream])
+
+
+@pytest.mark.parametrize("size", [100_000, 12 * 1024 * 1024 + 3])  # one PUT; three parts
+async def test_blob_invisible_until_commit(store: ContentStore, size: int) -> None:
+    data = os.urandom(size)
     writer = store.blob_writer(digest(data))
-    writer.write(data[:50_000])
+    await writer.write(data[: size // 2])
     assert await store.stat_blob(digest(data)) is None
-    writer.write(data[50_000:])
+    await writer.write(data[size // 2 :])
+    assert writer.path.read_bytes() == data  # followers read the spool as it grows
     assert await store.stat_blob(digest(data)) is None
     await writer.commit(digest(data), len(data))
     assert await store.stat_blob(digest(data)) == len(data)
-    assert store.blob_path(digest(data)).read_bytes() == data
+    local = store.local_blob(digest(data))
+    assert local is not None and local.path.read_bytes() == data
+    assert await read_all(store, digest(data)) == data
+    assert await read_all(store, digest(data), 1000, 5000) == data[1000:6000]
+
+
+async def test_tier_fill_and_remote_read(store: ContentStore, tmp_path: Path) -> None:
+    """On S3 a blob leaves the local tier and is read back from the bucket, then refilled."""
+    data = os.urandom(300_000)
+    writer = store.blob_writer(digest(data))
+    await writer.write(data)
+    await writer.commit(digest(data))
+    if store.name != "s3":
+        assert store.tier_writer(digest(data)) is None  # every blob is local already
+        return
+    local = store.local_blob(digest(data))
+    assert local is not None
+    local.path.unlink()
+    store.driver.tier.scan()  # type: ignore[attr-defined]
+    assert store.local_blob(digest(data)) is None
+    assert await store.stat_blob(digest(data)) == len(data)
+    assert await read_all(store, digest(data), 10, 20) == data[10:30]
+    filler = store.tier_writer(digest(data))
+    assert filler is not None
+    await filler.write(await read_all(store, digest(data)))
+    await filler.commit(digest(data), len(data))
+    local = store.local_blob(digest(data))
+    assert local is not None and local.path.read_bytes() == data
 
 
 @pytest.mark.parametrize("bad", ["digest", "size"])
-async def test_wrong_blob_never_committed(store: FilesystemStorage, bad: str) -> None:
-    data = os.urandom(4096)
+@pytest.mark.parametrize("size", [4096, 11 * 1024 * 1024])
+async def test_wrong_blob_never_committed(store: ContentStore, bad: str, size: int) -> None:
+    data = os.urandom(size)
     expected = digest(b"something else") if bad == "digest" else digest(data)
-    size = len(data) + 1 if bad == "size" else len(data)
+    length = len(data) + 1 if bad == "size" else len(data)
     writer = store.blob_writer(expected)
-    writer.write(data)
-    with pytest.raises(UpstreamContentError):
-        await writer.commit(expected, size)
+    await writer.write(data)
+    with pytest.raises(DigestMismatch):
+        await writer.commit(expected, length)
     assert await store.stat_blob(expected) is None
+    assert await store.read_blob(expected) is None
     assert not writer.path.exists()
 
 
-async def test_cancel_removes_temp(store: FilesystemStorage) -> None:
+async def test_cancel_removes_temp(store: ContentStore) -> None:
     writer = store.blob_writer(digest(b"x"))
-    writer.write(b"x")
+    await writer.write(b"x")
     await writer.cancel()
     await writer.cancel()  # twice is fine
     assert not writer.path.exists()
     assert await store.stat_blob(digest(b"x")) is None
 
 
-async def test_delete_blob(store: FilesystemStorage) -> None:
+async def test_delete_blob(store: ContentStore) -> None:
     data = b"hello"
     writer = store.blob_writer(digest(data))
-    writer.write(data)
+    await writer.write(data)
     await writer.commit(digest(data))
     assert await store.delete_blob(digest(data))
     assert not await store.delete_blob(digest(data))
     assert await store.stat_blob(digest(data)) is None
+    assert store.local_blob(digest(data)) is None
 
 
-async def test_manifests_round_trip_with_media_type(store: FilesystemStorage) -> None:
+async def test_listing_for_eviction(store: ContentStore) -> None:
+    blob, manifest = os.urandom(1000), b'{"schemaVersion":2}'
+    writer = store.blob_writer(digest(blob))
+    await writer.write(blob)
+    await writer.commit(digest(blob))
+    await store.put_manifest(digest(manifest), manifest, "application/json")
+    await store.set_tag("docker.io", "library/a", "1", TagEntry(digest(manifest), "x", 1, 1.0))
+    listed = {(c.kind, c.digest, c.size) for c in await store.list_content()}
+    assert listed == {("blob", digest(blob), 1000), ("manifest", digest(manifest), len(manifest))}
+    tags = [(t.upstream, t.repository, t.tag) for t in await store.list_tags()]
+    assert tags == [("docker.io", "library/a", "1")]
+
+
+async def test_manifests_round_trip_with_media_type(store: ContentStore) -> None:
     data = b'{"schemaVersion":2}'
     await store.put_manifest(digest(data), data, "application/vnd.oci.image.manifest.v1+json")
     assert await store.get_manifest(digest(data)) == (
         data,
         "application/vnd.oci.image.manifest.v1+json",
     )
-    with pytest.raises(UpstreamContentError):
+    store.forget(digest(data))  # from the backend, not memory
+    assert await store.get_manifest(digest(data)) == (
+        data,
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    with pytest.raises(DigestMismatch):
         await store.put_manifest(digest(b"other"), data, "x")
     assert await store.delete_manifest(digest(data))
     assert await store.get_manifest(digest(data)) is None
@@ -90,7 +177,7 @@ async def test_manifests_round_trip_with_media_type(store: FilesystemStorage) ->
 
 @pytest.fixture(params=["filesystem", "redis"])
 async def meta(
-    request: pytest.FixtureRequest, store: FilesystemStorage, tmp_path: Path
+    request: pytest.FixtureRequest, store: ContentStore, tmp_path: Path
 ) -> AsyncIterator[MetadataStore]:
     """The metadata suite runs on the filesystem store and on Redis (written through)."""
     if request.param == "filesystem":
@@ -123,7 +210,7 @@ async def test_records_round_trip(meta: MetadataStore) -> None:
     assert await meta.get_record("ghcr.io", "a/b", "sources", "sha256:x") is None
 
 
-async def test_redis_going_away_degrades_to_disk(store: FilesystemStorage, tmp_path: Path) -> None:
+async def test_redis_going_away_degrades_to_disk(store: ContentStore, tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis").start()
     client = connect(server.url)
     meta = RedisMetadata(client, store)
@@ -139,37 +226,43 @@ async def test_redis_going_away_degrades_to_disk(store: FilesystemStorage, tmp_p
         await client.aclose()
 
 
-async def test_unreadable_storage_is_an_error_not_a_miss(
-    store: FilesystemStorage, tmp_path: Path
-) -> None:
-    if os.geteuid() == 0:
-        # root reads through permissions; make the path itself unusable instead
-        blob_dir = store.blob_path("sha256:" + "b" * 64).parent
-        blob_dir.parent.mkdir(parents=True, exist_ok=True)
-        blob_dir.write_bytes(b"not a directory")
-    else:
-        (store.root / "blobs").chmod(0)
+async def test_unreadable_storage_is_an_error_not_a_miss(tmp_path: Path) -> None:
+    """A broken disk is an error, never a miss (the object store's failures: tests/test_s3.py)."""
+    root = tmp_path / "root"
+    store = create_store(root, None, WorkSettings())
+    await store.open()
+    # root reads through permissions; make the path itself unusable instead
+    blob_dir = root / "blobs" / "sha256" / "bb"
+    blob_dir.parent.mkdir(parents=True, exist_ok=True)
+    blob_dir.write_bytes(b"not a directory")
     with pytest.raises(StorageError):
         await store.stat_blob("sha256:" + "b" * 64)
+    await store.close()
 
 
-def test_temp_files_of_dead_process_removed_at_start(tmp_path: Path) -> None:
+async def test_temp_files_of_dead_process_removed_at_start(tmp_path: Path) -> None:
     root = tmp_path / "root"
     script = (
-        "import os, sys\n"
-        "from storage import FilesystemStorage\n"
-        f"s = FilesystemStorage({str(root)!r}); s.open()\n"
-        "w = s.blob_writer('sha256:' + 'c' * 64); w.write(b'partial')\n"
-        "os._exit(0)  # like a crash: no cleanup\n"
+        "import asyncio, os\n"
+        "from pathlib import Path\n"
+        "from storage import FilesystemDriver, ContentStore\n"
+        f"s = ContentStore(FilesystemDriver(Path({str(root)!r})))\n"
+        "async def main():\n"
+        "    await s.open()\n"
+        "    w = s.blob_writer('sha256:' + 'c' * 64); await w.write(b'partial')\n"
+        "    os._exit(0)  # like a crash: no cleanup\n"
+        "asyncio.run(main())\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
     assert any(p.name != ".lock" for p in (root / "tmp").rglob("*") if p.is_file())
-    live = FilesystemStorage(root)
-    assert live.open() == 1
-    assert [p for p in (root / "tmp").iterdir()] == [live.tmp_dir]
+    live = create_store(root, None, WorkSettings())
+    await live.open()
+    assert len(live.driver.leftovers) == 1
+    tmp_dir = live.driver.tmp_dir  # type: ignore[attr-defined]
+    assert [p for p in (root / "tmp").iterdir()] == [tmp_dir]
     # a second live process does not remove the first one's directory
-    other = FilesystemStorage(root)
-    other.open()
-    assert live.tmp_dir.exists()
-    other.close()
-    live.close()
+    other = create_store(root, None, WorkSettings())
+    await other.open()
+    assert tmp_dir.exists()
+    await other.close()
+    await live.close()

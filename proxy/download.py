@@ -1,0 +1,433 @@
+"""One fetch per blob, shared by every client that wants it: the single-flight state machine.
+
+A :class:`Download` is owned by the app (not by the request that started it), so a client that
+leaves does not stop it. It spools the bytes through a :class:`storage.base.BlobWriter` whose local
+file every client of this process follows as it grows (``proxy.blobs.stream_download``). Where the
+bytes come from (``Download.source``):
+
+* ``upstream`` — the registry, written durably to the store (on S3: multipart straight to the
+  content key). A connection cut mid-blob resumes with ``Range`` from the last byte.
+* ``store`` — the blob is in the store but not on this replica's disk (S3): read it once into the
+  local read tier, verified against its digest like anything from upstream.
+* ``peer`` — another replica is downloading it (Redis says who, and at which ``--advertise-url``):
+  stream that replica's download instead of asking upstream again, verified here too.
+
+With Redis, one replica in the fleet holds the blob's lock and fetches it; the others follow it as
+peers, so a cold blob costs one upstream GET fleet-wide. What this does not promise: if the owner
+dies mid-blob its followers' clients get a cut connection (as from any failed download); the lock
+expires after 30 s without refresh, and the next request fetches it afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from proxy.errors import (
+    StorageError,
+    UpstreamContentError,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamUnreachable,
+)
+from proxy.upstream import Upstream
+from storage.base import BlobWriter
+from storage.content import ContentStore
+from storage.errors import DigestMismatch
+
+if TYPE_CHECKING:
+    from proxy.metrics import Metrics
+    from storage.redis import RedisCoordinator
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+#: Upstream reconnects (with ``Range``) in a row that bring no new byte before giving up.
+MAX_RESUMES = 5
+#: The header that carries the fleet's shared secret on peer requests.
+PEER_HEADER = "X-Regproxy-Peer"
+PEER_PATH = "/_regproxy/peer/blobs/"
+
+
+class Cache(StrEnum):
+    """How a request was answered: the one typed result the access log and metrics read."""
+
+    HIT = "HIT"  # from the cache (local file, object store, or a redirect to it)
+    MISS = "MISS"  # streamed while a download fills the cache
+    UNCACHED = "UNCACHED"  # relayed from upstream, verified, because the cache could not take it
+    ABORTED = "ABORTED"  # cut short: the download failed verification or broke
+    CLIENT_GONE = "CLIENT_GONE"  # the client left; the download goes on
+
+    @property
+    def header(self) -> str:
+        return "MISS" if self in (Cache.UNCACHED, Cache.CLIENT_GONE) else self.value
+
+
+#: ``request[CACHE_RESULT]`` holds a :class:`Cache` once a blob answer is decided.
+CACHE_RESULT = "cache"
+
+
+@dataclass(eq=False)
+class Download:
+    """One fetch of one blob, shared by every client that wants it."""
+
+    digest: str
+    upstream: Upstream
+    repository: str
+    #: ``upstream`` | ``store`` | ``peer``.
+    source: str = "upstream"
+    #: Total size when known (Content-Length, the store's size).
+    size: int | None = None
+    #: Bytes in the local file so far.
+    written: int = 0
+    committed: bool = False
+    error: BaseException | None = None
+    writer: BlobWriter | None = None
+    started: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.committed or self.error is not None
+
+    @property
+    def path(self) -> object:
+        """The local file holding the bytes (the spool, then the committed file if local)."""
+        return None if self.writer is None else self.writer.path
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+    def begin(self, writer: BlobWriter, size: int | None) -> None:
+        self.writer, self.size = writer, size
+        if not self.started.done():
+            self.started.set_result(None)
+        self.notify()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        if not self.started.done():
+            self.started.set_exception(exc)
+            self.started.exception()  # retrieved here; each waiter re-raises it
+        self.notify()
+
+    async def wait_done(self) -> None:
+        while not self.done:
+            await self.wait_change()
+
+
+class Downloads:
+    """The coalescing map: one running :class:`Download` per digest, and the tasks behind them."""
+
+    def __init__(
+        self,
+        store: ContentStore,
+        *,
+        metrics: Metrics | None = None,
+        advertise_url: str | None = None,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.advertise_url = advertise_url
+        #: Cross-replica single flight (Redis); None: this process only.
+        self.coordinator: RedisCoordinator | None = None
+        self.peer_token: str | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.running: dict[str, Download] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    def get(self, upstream: Upstream, repository: str, digest: str, *, stored: bool) -> Download:
+        """The download in flight for ``digest``, or a new one (``stored``: the store has it)."""
+        current = self.running.get(digest)
+        if current is not None and not current.done:
+            return current
+        # A failed one is `done` at once, so the next request starts afresh even while the old
+        # task unwinds.
+        dl = Download(digest, upstream, repository, source="store" if stored else "upstream")
+        self.running[digest] = dl
+        task = asyncio.ensure_future(self._run(dl))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return dl
+
+    async def _run(self, dl: Download) -> None:
+        try:
+            if dl.source == "store":
+                await self._from_store(dl)
+            elif self.coordinator is None:
+                await self._from_upstream(dl)
+            else:
+                await self._coordinated(dl, self.coordinator)
+        except asyncio.CancelledError:
+            dl.fail(UpstreamUnreachable("download cancelled", upstream=dl.upstream.name))
+            raise
+        except (UpstreamError, StorageError) as exc:
+            log.warning(
+                "blob download failed digest=%s source=%s upstream=%s error=%s",
+                dl.digest,
+                dl.source,
+                dl.upstream.name,
+                exc,
+            )
+            dl.fail(exc)
+        except Exception as exc:
+            log.exception("blob download crashed digest=%s", dl.digest)
+            dl.fail(exc)
+        finally:
+            if dl.writer is not None and not dl.committed:
+                await dl.writer.cancel()
+            if self.running.get(dl.digest) is dl:
+                del self.running[dl.digest]
+
+    async def _write(self, dl: Download, chunk: bytes) -> None:
+        if dl.size is not None and dl.written + len(chunk) > dl.size:
+            raise UpstreamContentError(
+                f"{dl.source} sent more bytes than announced", upstream=dl.upstream.name
+            )
+        assert dl.writer is not None
+        await dl.writer.write(chunk)
+        dl.written += len(chunk)
+        dl.notify()
+
+    async def _commit(self, dl: Download) -> None:
+        assert dl.writer is not None
+        try:
+            await dl.writer.commit(dl.digest, dl.size)
+        except DigestMismatch as exc:
+            raise UpstreamContentError(str(exc), upstream=dl.upstream.name) from exc
+        dl.committed = True
+        dl.notify()
+
+    # -- from upstream -------------------------------------------------------------------------
+
+    async def _from_upstream(self, dl: Download) -> None:
+        upstream = dl.upstream
+        path = f"/v2/{dl.repository}/blobs/{dl.digest}"
+        scope = f"repository:{dl.repository}:pull"
+        resumes = 0  # consecutive attempts that brought no new byte
+        progress = -1
+        while True:
+            headers = {"Range": f"bytes={dl.written}-"} if dl.written else {}
+            try:
+                async with upstream.request(
+                    "GET", path, scope=scope, headers=headers, expect=(200, 206)
+                ) as resp:
+                    skip = self._start_or_resume(dl, resp)
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        if skip:
+                            cut = min(skip, len(chunk))
+                            chunk, skip = chunk[cut:], skip - cut
+                            if not chunk:
+                                continue
+                        await self._write(dl, chunk)
+                        if self.metrics is not None:
+                            self.metrics.upstream_bytes.labels(upstream.name).inc(len(chunk))
+                if dl.size is None or dl.written >= dl.size:
+                    break
+                raise UpstreamUnreachable("connection ended early", upstream=upstream.name)
+            except (
+                TimeoutError,
+                aiohttp.ClientPayloadError,
+                aiohttp.ClientConnectionError,
+                UpstreamUnreachable,
+            ) as exc:
+                # The stream broke mid-blob: resume from the last byte we have, for as long as
+                # attempts keep bringing bytes.
+                resumes = 0 if dl.written > progress else resumes + 1
+                progress = dl.written
+                if dl.writer is None or resumes >= MAX_RESUMES:
+                    raise UpstreamUnreachable(
+                        f"blob download broke: {type(exc).__name__}", upstream=upstream.name
+                    ) from exc
+                log.info(
+                    "resuming blob download digest=%s offset=%d attempt=%d",
+                    dl.digest,
+                    dl.written,
+                    resumes,
+                )
+        await self._commit(dl)
+        log.debug("blob cached digest=%s size=%d", dl.digest, dl.written)
+        self.store.committed(dl.written)
+
+    def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
+        """Check the response against what we have; return how many leading bytes to skip."""
+        if dl.writer is None:
+            if resp.status == 206:
+                raise UpstreamContentError("unrequested partial content", upstream=dl.upstream.name)
+            dl.begin(self.store.blob_writer(dl.digest), resp.content_length)
+            return 0
+        if resp.status == 206:
+            content_range = resp.headers.get("Content-Range", "")
+            if not content_range.startswith(f"bytes {dl.written}-"):
+                raise UpstreamContentError(
+                    "upstream resumed at the wrong offset", upstream=dl.upstream.name
+                )
+            return 0
+        # 200 to a Range request: the upstream cannot resume; skip what we already have.
+        if dl.size is not None and resp.content_length not in (None, dl.size):
+            raise UpstreamContentError("blob size changed on resume", upstream=dl.upstream.name)
+        return dl.written
+
+    # -- from the store (fill the local tier) --------------------------------------------------
+
+    async def _from_store(self, dl: Download) -> None:
+        local = self.store.local_blob(dl.digest)
+        if local is not None:  # every committed blob is local here (the filesystem store)
+            dl.size = dl.written = local.size
+            dl.committed = True
+            if not dl.started.done():
+                dl.started.set_result(None)
+            dl.notify()
+            return
+        size = await self.store.stat_blob(dl.digest)
+        stream = await self.store.read_blob(dl.digest) if size is not None else None
+        if size is None or stream is None:
+            # Evicted since the caller looked: fetch it like any miss.
+            dl.source = "upstream"
+            if self.coordinator is None:
+                await self._from_upstream(dl)
+            else:
+                await self._coordinated(dl, self.coordinator)
+            return
+        writer = self.store.tier_writer(dl.digest)
+        if writer is None:
+            raise StorageError("blob is neither local nor remote", op="read")
+        dl.begin(writer, size)
+        async for chunk in stream:
+            await self._write(dl, chunk)
+        try:
+            await self._commit(dl)
+        except UpstreamContentError:
+            # The object store holds bytes that are not this digest: never serve them again.
+            log.error("stored blob does not match its digest, deleting it digest=%s", dl.digest)
+            await self.store.delete_blob(dl.digest)
+            raise
+
+    # -- across replicas -----------------------------------------------------------------------
+
+    async def _coordinated(self, dl: Download, coordinator: RedisCoordinator) -> None:
+        """Fetch it ourselves if no other replica is, else follow the replica that is."""
+        for _ in range(3):
+            owned = await coordinator.acquire(dl.digest)
+            if owned is None:  # Redis is away: per-replica behaviour
+                await self._from_upstream(dl)
+                return
+            if owned:
+                refresher = asyncio.create_task(self._keep_lock(dl, coordinator))
+                try:
+                    if await self.store.stat_blob(dl.digest) is not None:
+                        dl.source = "store"  # committed by a replica just before we locked
+                        await self._from_store(dl)
+                    else:
+                        await self._from_upstream(dl)
+                finally:
+                    refresher.cancel()
+                    await coordinator.release(dl.digest)
+                return
+            await self._confirm_before_following(dl, coordinator)
+            if await self._follow(dl, coordinator):
+                return
+            if dl.started.done():
+                raise UpstreamUnreachable(
+                    "the replica downloading this blob failed", upstream=dl.upstream.name
+                )
+        raise UpstreamUnreachable("could not coordinate the download", upstream=dl.upstream.name)
+
+    async def _confirm_before_following(self, dl: Download, coordinator: RedisCoordinator) -> None:
+        """Another replica fetches it, maybe for another repository: ours must hold it too."""
+        info = await coordinator.inflight(dl.digest)
+        if info is not None and (info.get("upstream"), info.get("repository")) == (
+            dl.upstream.name,
+            dl.repository,
+        ):
+            return
+        async with dl.upstream.request(
+            "HEAD",
+            f"/v2/{dl.repository}/blobs/{dl.digest}",
+            scope=f"repository:{dl.repository}:pull",
+        ):
+            pass  # 200; anything else raised UpstreamStatus
+
+    async def _keep_lock(self, dl: Download, coordinator: RedisCoordinator) -> None:
+        await coordinator.publish(
+            dl.digest, self.advertise_url or "", dl.size, dl.upstream.name, dl.repository
+        )
+        while True:
+            await asyncio.sleep(5.0)
+            await coordinator.refresh(dl.digest)
+
+    async def _follow(self, dl: Download, coordinator: RedisCoordinator) -> bool:
+        """Wait for the owner's download: stream it from the owner, or read the committed blob.
+
+        False if the owner vanished without committing (the caller then tries to own it).
+        """
+        for _ in range(600):  # 30 s at 50 ms: as long as a lock lives without refresh
+            if await self.store.stat_blob(dl.digest) is not None:
+                dl.source = "store"
+                await self._from_store(dl)
+                return True
+            info = await coordinator.inflight(dl.digest)
+            url = (info or {}).get("url")
+            if url and url != self.advertise_url and self.peer_token:
+                dl.source = "peer"
+                try:
+                    await self._from_peer(dl, str(url))
+                    return True
+                except (
+                    UpstreamUnreachable,
+                    UpstreamStatus,
+                    aiohttp.ClientError,
+                    TimeoutError,
+                ) as exc:
+                    if dl.writer is not None:  # bytes already went to clients: fail them
+                        raise UpstreamUnreachable(
+                            f"peer download broke: {type(exc).__name__}", upstream=dl.upstream.name
+                        ) from exc
+                    log.info("peer not reachable, waiting digest=%s error=%s", dl.digest, exc)
+            if not await coordinator.locked(dl.digest):
+                if await self.store.stat_blob(dl.digest) is not None:
+                    continue  # committed just now: the next turn reads it
+                return False
+            await asyncio.sleep(0.05)
+        return False
+
+    async def _from_peer(self, dl: Download, url: str) -> None:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(sock_connect=5, sock_read=60)
+            )
+        headers = {PEER_HEADER: self.peer_token or ""}
+        async with self.session.get(
+            f"{url.rstrip('/')}{PEER_PATH}{dl.digest}", headers=headers, ssl=False
+        ) as resp:
+            if resp.status != 200:
+                raise UpstreamStatus("peer refused", upstream=dl.upstream.name, status=resp.status)
+            writer = self.store.tier_writer(dl.digest) or self.store.blob_writer(dl.digest)
+            dl.begin(writer, resp.content_length)
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                await self._write(dl, chunk)
+        if dl.size is not None and dl.written != dl.size:
+            raise UpstreamUnreachable("peer stream ended early", upstream=dl.upstream.name)
+        await self._commit(dl)
