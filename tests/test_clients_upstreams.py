@@ -531,6 +531,22 @@ def test_docker_mirror_pulls_anonymously_without_any_login(docker: Dockerd, env:
     assert len(env.corp.requests) == corp_before
 
 
+def test_podman_mirror_pulls_anonymously(env: Env) -> None:
+    """podman with regproxy as a registries.conf mirror and no login: anonymous token, pull
+    through regproxy (a fallback to docker.io would fail on the offline guard)."""
+    alpine = env.images["alpine"]
+    log = ProxyLog(env.proxy)
+    with Podman([env.proxy.url]) as p:
+        env.keep_run(p.pull("docker.io/library/alpine:3", timeout=PULL_TIMEOUT))
+        config = alpine.child(PLATFORM or "").config_digest
+        assert p.image_id("docker.io/library/alpine:3") == config.removeprefix("sha256:")
+    # (its HTTPS probe of the plain port is logged as method UNKNOWN, 400)
+    client = [r for r in log.requests() if r[0] != "UNKNOWN"]
+    assert ("GET", "/v2/", 401) in client
+    assert any(path.startswith("/token?") and status == 200 for _, path, status in client)
+    assert all(status == 200 for _, path, status in client if path != "/v2/"), client
+
+
 def test_podman_login_and_pull_of_private_image(env: Env) -> None:
     secret = env.images["secret"]
     ref = f"{env.proxy.host}/corp/team/secret:1"
