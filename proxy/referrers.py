@@ -20,8 +20,9 @@ serialized here (compact JSON). Answers are records of the metadata store (``kin
 The referrer manifests themselves and their blobs are ordinary content of the subject's
 repository: they are fetched and checked through the manifest and blob paths, under the same
 access rules. Limits: a paginated upstream answer (``Link: rel="next"``) is followed for at most
-``MAX_PAGES`` pages; the fallback tag is read as it is, without fetching each referrer to fill
-in a missing ``artifactType``.
+``MAX_PAGES`` pages; of a fallback tag's descriptors that lack ``artifactType``, the first
+``MAX_COMPLETED`` are completed from their manifests (fetched and cached), the rest pass as
+they are.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from proxy.errors import (
     to_registry_error,
 )
 from proxy.manifests import ManifestService
+from proxy.reference import check_digest
 from proxy.singleflight import SingleFlight
 from proxy.upstream import INDEX_TYPES, OCI_INDEX, Upstream
 from storage.base import MetadataStore
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 
 MAX_REFERRERS_SIZE = 4 * 1024 * 1024
 MAX_PAGES = 8
+#: Fallback-tag descriptors without ``artifactType`` completed from their manifests, at most.
+MAX_COMPLETED = 64
 RECORD_KIND = "referrers"
 
 
@@ -190,6 +194,35 @@ class ReferrersService:
             merged["manifests"] += _descriptors(json.loads(page), upstream=upstream.name)
         return _serialize(merged)
 
+    async def _complete(
+        self, upstream: Upstream, repository: str, entry: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A fallback-tag descriptor without ``artifactType``, completed as the referrers API
+        would answer it: the manifest's ``artifactType``, else its config's media type, and
+        its annotations. The manifest is fetched (and cached) under the subject's repository;
+        a descriptor whose manifest cannot be read is passed on as it is."""
+        digest = entry.get("digest")
+        if not isinstance(digest, str) or entry.get("mediaType") in INDEX_TYPES:
+            return entry
+        try:
+            check_digest(digest)
+            found = await self.manifests.by_digest(upstream, repository, digest, head=False)
+            document = json.loads(found.data or b"{}")
+        except (RegistryError, ValueError, UnicodeDecodeError):
+            return entry
+        if not isinstance(document, dict):
+            return entry
+        config = document.get("config")
+        artifact_type = document.get("artifactType") or (
+            config.get("mediaType") if isinstance(config, dict) else None
+        )
+        completed = dict(entry)
+        if isinstance(artifact_type, str):
+            completed["artifactType"] = artifact_type
+        if isinstance(document.get("annotations"), dict) and "annotations" not in entry:
+            completed["annotations"] = document["annotations"]
+        return completed
+
     async def _from_fallback_tag(self, upstream: Upstream, repository: str, digest: str) -> bytes:
         """The referrers tag schema: tag ``<alg>-<hex>`` holds an index of the referrers."""
         tag = digest.replace(":", "-")
@@ -203,6 +236,9 @@ class ReferrersService:
             descriptors = _descriptors(json.loads(manifest.data), upstream=upstream.name)
         except (ValueError, UnicodeDecodeError):
             return _serialize(empty_index())
+        for position, entry in enumerate(descriptors[:MAX_COMPLETED]):
+            if "artifactType" not in entry:
+                descriptors[position] = await self._complete(upstream, repository, entry)
         index = empty_index()
         index["manifests"] = descriptors
         return _serialize(index)

@@ -271,3 +271,23 @@ async def test_referrers_follow_the_access_rules(
     assert corp.count() > 0
     status, _, index = await referrers(proxy, "library/signed", digest)
     assert status == 200 and len(index["manifests"]) == 2
+
+
+async def test_fallback_descriptors_without_artifact_type_are_completed(
+    registry: Registry, front: FrontFactory, proxy_factory: ProxyFactory
+) -> None:
+    """Older tools wrote the fallback index without ``artifactType``: regproxy reads it from
+    each referrer manifest (and its annotations), so filtering still works."""
+    image = seed_image(registry, "library/old", "1", platforms=("linux/amd64",), single=True)
+    artifact = push_artifact(registry, "library/old", image, SIGNATURE, b"old signature")
+    bare = {"mediaType": OCI_MANIFEST, "digest": artifact.digest, "size": len(artifact.raw)}
+    fallback = canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [bare]})
+    push_manifest(registry.url, "library/old", image.digest.replace(":", "-"), fallback, OCI_INDEX)
+    proxy = proxy_factory(front(registry).url)
+    status, _, index = await referrers(proxy, "library/old", image.digest)
+    assert (status, index["manifests"]) == (200, [artifact.descriptor])
+    status, headers, index = await referrers(
+        proxy, "library/old", image.digest, f"?artifactType={quote(SIGNATURE, safe='')}"
+    )
+    assert headers["OCI-Filters-Applied"] == "artifactType"
+    assert index["manifests"] == [artifact.descriptor]
