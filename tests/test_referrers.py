@@ -29,6 +29,7 @@ from tests.harness.push import (
     push_manifest,
     sha256_digest,
 )
+from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry
 from tests.test_access import basic, write_access_config
 from tests.test_read_path import fetch
@@ -291,3 +292,20 @@ async def test_fallback_descriptors_without_artifact_type_are_completed(
     )
     assert headers["OCI-Filters-Applied"] == "artifactType"
     assert index["manifests"] == [artifact.descriptor]
+
+
+async def test_replicas_share_referrers_answers_through_redis(
+    signed: Signed, proxy_factory: ProxyFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A referrers answer fetched by one replica is served by another without asking upstream
+    (the record lives in Redis; each replica has its own disk here)."""
+    args = ["--redis", redis_server.url]
+    a = proxy_factory(signed.upstream.url, storage=tmp_path / "a", extra_args=args)
+    b = proxy_factory(signed.upstream.url, storage=tmp_path / "b", extra_args=args)
+    digest = signed.image.digest
+    status, _, first = await referrers(a, "library/signed", digest)
+    assert status == 200 and len(first["manifests"]) == 2
+    signed.upstream.reset()
+    status, headers, second = await referrers(b, "library/signed", digest)
+    assert (status, headers["X-Cache"], second) == (200, "HIT", first)
+    assert signed.upstream.count() == 0
