@@ -12,6 +12,8 @@ Routes::
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
     GET|POST   /token                            Bearer tokens, with auth (proxy.tokens)
     GET        /_regproxy/peer/blobs/<digest>    another replica streams a download (shared secret)
+    GET        /_regproxy/, /_regproxy/api/...   operator's console and its JSON (proxy.console)
+    GET        /_regproxy/sync                   scheduled sync: entries, tags, digests, runs
 
 Every /v2/ request is routed to an upstream (``proxy.routing``), checked against the access rules
 (``proxy.auth``) and, for digests, against what the repository is known to hold (``proxy.links``)
@@ -38,6 +40,7 @@ from aiohttp.web_response import StreamResponse
 from proxy.auth import Authenticator, load_auth
 from proxy.blobs import BlobService, stream_download
 from proxy.config import Config
+from proxy.console import CONSOLE, setup_console
 from proxy.download import CACHE_RESULT, PEER_HEADER, Cache
 from proxy.errors import (
     BlobUnknown,
@@ -57,6 +60,7 @@ from proxy.platforms import PlatformService, accepts_index, load_platforms
 from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
 from proxy.referrers import ReferrersService
 from proxy.routing import Router
+from proxy.sync import SYNC, SyncService, handle_sync_status
 from proxy.upstream import INDEX_TYPES, OCI_INDEX, Upstream, Upstreams
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
@@ -107,6 +111,8 @@ class AccessLogger(AbstractAccessLogger):
             observe(app[METRICS], request, response, time, cache)
             if USAGE in app:
                 count_usage(app[USAGE], request, response, cache)
+            if CONSOLE in app:
+                app[CONSOLE].observe(request, response)
 
 
 def _app_of(request: BaseRequest) -> web.Application | None:
@@ -194,7 +200,7 @@ async def handle_base(request: web.Request) -> web.Response:
     request["route"] = "base"
     if request.method not in READ_METHODS:
         raise Unsupported({"method": request.method})
-    await request.app[AUTH].check_login(request)
+    await request.app[AUTH].check_base(request)
     return web.json_response({}, headers=API_HEADERS)
 
 
@@ -418,6 +424,8 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/_regproxy/inspect", handle_inspect)
     app.router.add_route("*", "/token", handle_token)
     app.router.add_get("/_regproxy/peer/blobs/{digest}", handle_peer_blob)
+    setup_console(app)  # /_regproxy/ and /_regproxy/api/...: proxy.console
+    app.router.add_get("/_regproxy/sync", handle_sync_status)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
 
@@ -497,9 +505,24 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[USAGE] = usage
     await cache.start()
     saver = asyncio.create_task(_save_usage(usage, upstreams, storage))
+    app[SYNC] = SyncService(
+        config.sync,
+        upstreams=upstreams,
+        manifests=app[MANIFESTS],
+        platforms=app[PLATFORMS],
+        blobs=app[BLOBS],
+        links=app[LINKS],
+        cache=cache,
+        metrics=metrics,
+        redis=redis_client,
+        instance=storage.instance,
+        auth=app[AUTH],
+    )
+    app[SYNC].start()
     try:
         yield
     finally:
+        await app[SYNC].stop()
         saver.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await saver

@@ -9,13 +9,13 @@ Off unless configured::
           repositories: ["docker.io/library/*"]
         - users: ["*"]
           repositories: ["*"]
+      admins: [alice]                      # may open the console (/_regproxy/); default none
+      token:                               # the Bearer token service (proxy.tokens)
+        signing_key_file: /run/secrets/regproxy-token-key   # same on every replica
 
 Without ``rules``, logged-in users may pull everything and anonymous clients nothing (when an
 htpasswd file is set) or everything (when not). A request is checked before anything is looked
 up, so a denied client learns nothing about the content: not its digest, size, or existence.
-
-      token:                               # the Bearer token service (proxy.tokens)
-        signing_key_file: /run/secrets/regproxy-token-key   # same on every replica
 
 Clients are challenged with ``WWW-Authenticate: Bearer realm="<regproxy>/token"`` and fetch a token
 there (``proxy.tokens``): anonymously for what anonymous rules allow, or with the Basic
@@ -74,6 +74,8 @@ class Rule:
 class AuthConfig:
     htpasswd: Path | None = None
     rules: tuple[Rule, ...] = ()
+    #: Users who may open the operator's console (``proxy.console``); defaults to none.
+    admins: tuple[str, ...] = ()
     token: TokenConfig = field(default_factory=TokenConfig)
 
     @property
@@ -82,7 +84,7 @@ class AuthConfig:
 
 
 def load_auth(section: Mapping[str, Any]) -> AuthConfig:
-    unknown = set(section) - {"htpasswd", "rules", "token"}
+    unknown = set(section) - {"htpasswd", "rules", "admins", "token"}
     if unknown:
         raise ConfigError(f"auth.{sorted(unknown)[0]}", "unknown setting")
     htpasswd = Path(str(section["htpasswd"])) if section.get("htpasswd") else None
@@ -105,7 +107,14 @@ def load_auth(section: Mapping[str, Any]) -> AuthConfig:
         if not repos or not isinstance(repos, list):
             raise ConfigError(f"{key}.repositories", "must list upstream/repository globs")
         rules.append(Rule(tuple(map(str, users)), tuple(map(str, repos))))
-    return AuthConfig(htpasswd, tuple(rules), load_token_config(section.get("token")))
+    admins = section.get("admins") or []
+    if isinstance(admins, str):
+        admins = [admins]
+    if not isinstance(admins, list):
+        raise ConfigError("auth.admins", "must list user names")
+    return AuthConfig(
+        htpasswd, tuple(rules), tuple(map(str, admins)), load_token_config(section.get("token"))
+    )
 
 
 def read_htpasswd(path: Path) -> dict[str, bytes]:
@@ -186,6 +195,10 @@ class Authenticator:
             return None
         return creds[0] if await self._password_ok(*creds) else None
 
+    def is_admin(self, user: str | None) -> bool:
+        """May ``user`` (already authenticated) open the operator's console?"""
+        return user is not None and user in self.config.admins
+
     def allowed(self, user: str | None, upstream: str, repository: str) -> bool:
         target = f"{upstream}/{repository}"
         if not self.config.rules:
@@ -236,7 +249,18 @@ class Authenticator:
             return None
         return grant
 
-    async def check_login(self, request: web.Request) -> None:
+    def challenge(self) -> dict[str, str]:
+        """The Basic challenge of the pages people open (console, sync status): browsers and
+        curl answer it; registry clients get the Bearer one (``check_base``, ``check``)."""
+        return {"WWW-Authenticate": f'Basic realm="{REALM}"'}
+
+    async def check_login(self, authorization: str | None) -> None:
+        """A page for people (``/_regproxy/sync``): with an htpasswd file, only valid Basic
+        credentials pass; else the Basic challenge."""
+        if self.users and await self.user(authorization) is None:
+            raise Unauthorized(headers=self.challenge())
+
+    async def check_base(self, request: web.Request) -> None:
         """``GET /v2/``: a valid token or valid Basic credentials pass; anything else is
         challenged to fetch a token (the ping tells clients how to authenticate)."""
         if not self.enabled:

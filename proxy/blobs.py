@@ -102,7 +102,12 @@ class BlobService:
         dl = self.downloads.get(digest)
         if dl is not None and (dl.upstream.name, dl.repository) != (upstream.name, repository):
             return True
-        return await self.store.stat_blob(digest) is not None
+        try:
+            return await self.store.stat_blob(digest) is not None
+        except StorageError as exc:
+            if not exc.unreachable:
+                raise
+            return False  # the object store is away: fetched from this repository, or relayed
 
     def download(
         self, upstream: Upstream, repository: str, digest: str, *, stored: bool = False
@@ -188,11 +193,16 @@ class BlobService:
             await dl.started
         except UpstreamError as exc:
             raise to_registry_error(exc, not_found=BlobUnknown) from exc
-        resp = await stream_download(request, dl, digest, self.store, cache=Cache.HIT)
-        return resp
+        try:
+            return await stream_download(request, dl, digest, self.store, cache=Cache.HIT)
+        except StorageError:
+            if not dl.committed:
+                raise
+            # Verified, but larger than the local tier takes: stream it from the bucket.
+            return await self._stream_range(request, digest, size, slice(0, size), whole=True)
 
     async def _stream_range(
-        self, request: web.Request, digest: str, size: int, wanted: slice
+        self, request: web.Request, digest: str, size: int, wanted: slice, *, whole: bool = False
     ) -> web.StreamResponse:
         start = wanted.start
         stop = wanted.stop
@@ -202,14 +212,10 @@ class BlobService:
         stream = await self.store.read_blob(digest, start, stop - start)
         if stream is None:
             raise BlobUnknown({"digest": digest}, message="blob evicted meanwhile")
-        resp = web.StreamResponse(
-            status=206,
-            headers={
-                "Docker-Content-Digest": digest,
-                **HIT_HEADERS,
-                "Content-Range": f"bytes {start}-{stop - 1}/{size}",
-            },
-        )
+        headers = {"Docker-Content-Digest": digest, **HIT_HEADERS}
+        if not whole:
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        resp = web.StreamResponse(status=200 if whole else 206, headers=headers)
         resp.content_length = stop - start
         await resp.prepare(request)
         sent = 0

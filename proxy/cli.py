@@ -161,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     warm.add_argument("--json", action="store_true", help="print counts as JSON")
     warm.set_defaults(handler=cmd_warm)
+
+    sync = commands.add_parser("sync", help="scheduled sync of chosen images (config sync:)")
+    sync_commands = sync.add_subparsers(dest="sync_command", required=True, metavar="COMMAND")
+    sync_status = sync_commands.add_parser(
+        "status", help="each entry's tags, digests, last and next check, from a running proxy"
+    )
+    sync_status.add_argument(
+        "--proxy", default=DEFAULT_PROXY, metavar="URL", help=f"default {DEFAULT_PROXY}"
+    )
+    sync_status.add_argument("--json", action="store_true", help="print JSON")
+    sync_status.set_defaults(handler=cmd_sync_status)
     return parser
 
 
@@ -213,6 +224,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.server").addFilter(_RefusedRequests())
+    for noisy in ("aiobotocore", "botocore"):  # "Found credentials in ..." on every start
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -409,6 +422,17 @@ def cmd_warm(args: argparse.Namespace) -> int:
             f"warmed {totals['manifests']} manifests and {totals['blobs']} blobs "
             f"({totals['bytes']} bytes)"
         )
+    return 0
+
+
+def cmd_sync_status(args: argparse.Namespace) -> int:
+    from proxy import sync_status
+
+    result = asyncio.run(sync_status.fetch_status(args.proxy))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        sync_status.print_status(result)
     return 0
 
 

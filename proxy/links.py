@@ -89,7 +89,13 @@ class Links:
         key = (upstream, repository, digest)
         if key in self._known:
             return True
-        if await self.meta.get_record(upstream, repository, "links", digest) is not None:
+        try:
+            found = await self.meta.get_record(upstream, repository, "links", digest)
+        except StorageError as exc:
+            if not exc.unreachable:
+                raise
+            return False  # the object store is away: confirm with upstream instead
+        if found is not None:
             self._known[key] = True
             return True
         return False

@@ -188,11 +188,17 @@ class ManifestService:
     # -- by tag ----------------------------------------------------------------------------------
 
     async def by_tag(
-        self, upstream: Upstream, repository: str, tag: str, *, head: bool
+        self, upstream: Upstream, repository: str, tag: str, *, head: bool, force: bool = False
     ) -> Manifest:
-        entry = await self.meta.get_tag(upstream.name, repository, tag)
+        """``force``: ask upstream (HEAD) even within the tag TTL (scheduled sync does)."""
+        try:
+            entry = await self.meta.get_tag(upstream.name, repository, tag)
+        except StorageError as exc:
+            if not exc.unreachable:
+                raise
+            entry = None  # the object store is away: ask upstream
         if entry is not None and (
-            self.offline or time.time() - entry.checked_at < upstream.config.tag_ttl
+            self.offline or (not force and time.time() - entry.checked_at < upstream.config.tag_ttl)
         ):
             answer = await self._answer(upstream, repository, entry, head=head, cache="HIT")
             if answer is not None:

@@ -19,6 +19,11 @@ regproxy_inflight_downloads                blob downloads from upstream in progr
 regproxy_storage_errors_total{op}          storage failures (never silent misses)
 regproxy_storage_requests_total{op,status}  requests to the object store (S3): ok|not_found|error
 regproxy_storage_request_duration_seconds{op}  their latency (histogram)
+regproxy_sync_runs_total{result}           scheduled sync checks of an entry: success, error,
+                                           ratelimited (paused by the floor or a 429), skipped
+                                           (another replica holds the entry's lease)
+regproxy_sync_last_success_timestamp_seconds{repository}  end of the last successful check
+regproxy_sync_bytes_total                  blob and manifest bytes sync fetched from upstream
 =========================================  ==========================================
 """
 
@@ -129,6 +134,20 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.sync_runs = Counter(
+            "regproxy_sync_runs", "Scheduled sync checks of an entry", ["result"], registry=r
+        )
+        self.sync_last_success = Gauge(
+            "regproxy_sync_last_success_timestamp_seconds",
+            "Unix time a sync entry last checked and fetched successfully",
+            ["repository"],
+            registry=r,
+        )
+        self.sync_bytes = Counter(
+            "regproxy_sync_bytes", "Bytes scheduled sync fetched from upstream", registry=r
+        )
+        for result in ("success", "error", "ratelimited", "skipped"):
+            self.sync_runs.labels(result)
         for kind in ("blob", "manifest"):
             self.hits.labels(kind)
             self.misses.labels(kind)

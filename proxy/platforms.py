@@ -36,7 +36,7 @@ from typing import Any
 
 from proxy.blobs import BlobService
 from proxy.config import ConfigError
-from proxy.errors import ManifestUnknown, RegistryError, UpstreamContentError
+from proxy.errors import ManifestUnknown, RegistryError, StorageError, UpstreamContentError
 from proxy.manifests import Manifest, ManifestService
 from proxy.reference import digest_of, parse_image
 from proxy.routing import Router
@@ -323,13 +323,16 @@ class PlatformService:
         return manifest, [await self._single_entry(upstream, repository, manifest, "upstream")]
 
     async def synthesize(
-        self, upstream: Upstream, repository: str, tag: str, rule: Rule
+        self, upstream: Upstream, repository: str, tag: str, rule: Rule, *, force: bool = False
     ) -> tuple[Manifest, list[Entry]]:
+        """``force``: rebuild even within the tag TTL (scheduled sync does, once it refreshed
+        the tags the index is built from)."""
         key = (upstream.name, repository, tag)
         record = await self.meta.get_record(upstream.name, repository, "synth", tag)
         previous = json.loads(record) if record else None
         if previous and (
-            self.manifests.offline or time.time() - previous["checked_at"] < upstream.config.tag_ttl
+            self.manifests.offline
+            or (not force and time.time() - previous["checked_at"] < upstream.config.tag_ttl)
         ):
             found = await self.manifests.local(previous["digest"])
             if found is not None:
@@ -486,7 +489,12 @@ class PlatformService:
         """Where to fetch ``digest`` requested under ``repository`` from upstream."""
         if not self.config.rules:
             return upstream, repository
-        raw = await self.meta.get_record(upstream.name, repository, "sources", digest)
+        try:
+            raw = await self.meta.get_record(upstream.name, repository, "sources", digest)
+        except StorageError as exc:
+            if not exc.unreachable:
+                raise
+            raw = None  # the object store is away: ask the repository itself
         if raw is None:
             return upstream, repository
         src = json.loads(raw)

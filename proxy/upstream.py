@@ -135,6 +135,8 @@ class Upstream:
         self.backoff_until = 0.0
         #: Last ``ratelimit-remaining`` seen from Docker Hub, or None.
         self.ratelimit_remaining: int | None = None
+        #: Last ``ratelimit-limit`` seen (``100;w=21600`` -> 100), or None.
+        self.ratelimit_limit: int | None = None
         self.metrics: Metrics | None = None
 
     async def start(self) -> None:
@@ -335,6 +337,10 @@ class Upstream:
             self.metrics.upstream_requests.labels(self.name, method, status).inc()
 
     def _observe(self, resp: aiohttp.ClientResponse) -> None:
+        limit = resp.headers.get("ratelimit-limit")
+        if limit:
+            with contextlib.suppress(ValueError):
+                self.ratelimit_limit = int(limit.split(";")[0])
         remaining = resp.headers.get("ratelimit-remaining")
         if remaining:
             with contextlib.suppress(ValueError):

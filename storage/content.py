@@ -97,10 +97,8 @@ class ContentStore:
         return exc
 
     async def open(self) -> None:
-        try:
-            await self.driver.open()
-        except StorageError as exc:
-            raise self.failed(exc) from exc
+        """Prepare the driver; a StorageError here stops start-up (the caller says why)."""
+        await self.driver.open()
 
     async def close(self) -> None:
         await self.driver.close()

@@ -233,9 +233,7 @@ async def _read_fd(fd: int, offset: int, length: int | None, path: Path) -> Asyn
 
 
 def _log_walk_error(exc: OSError) -> None:
-    log.error(
-        "cannot read cache directory path=%s error=%s", exc.filename, exc.strerror
-    )
+    log.error("cannot read cache directory path=%s error=%s", exc.filename, exc.strerror)
 
 
 def remove_stale_temp(tmp_root: Path, *, keep: Path) -> list[tuple[Path, int]]:
@@ -250,18 +248,14 @@ def remove_stale_temp(tmp_root: Path, *, keep: Path) -> list[tuple[Path, int]]:
             continue
         if entry.is_dir() and not owned_by_live_process(entry):
             with contextlib.suppress(OSError):
-                removed.extend(
-                    (p, p.stat().st_size) for p in entry.iterdir() if p.name != ".lock"
-                )
+                removed.extend((p, p.stat().st_size) for p in entry.iterdir() if p.name != ".lock")
             shutil.rmtree(entry, ignore_errors=True)
         elif entry.is_file():
             with contextlib.suppress(OSError):
                 removed.append((entry, entry.stat().st_size))
             entry.unlink(missing_ok=True)
     if removed:
-        log.warning(
-            "removed temp files left by a previous run count=%d", len(removed)
-        )
+        log.warning("removed temp files left by a previous run count=%d", len(removed))
     return removed
 
 
@@ -301,4 +295,3 @@ def check_local_dir(tmp_dir: Path, root: Path, min_free: int = 16 * 1024 * 1024)
         if free < min_free:
             problems.append(f"disk full: {free} bytes free")
     return problems
-

@@ -185,6 +185,7 @@ class S3Driver:
             path_style = bool(endpoint)
         config = BotoConfig(
             s3={"addressing_style": "path" if path_style else "auto"},
+            signature_version="s3v4",  # presigned URLs too (botocore presigns with v2 else)
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             max_pool_connections=64,
@@ -209,12 +210,10 @@ class S3Driver:
                 config=config,
             )
         )
-        try:
-            await self._call("head_bucket", lambda: self._client.head_bucket(Bucket=self.bucket))
-        except _Missing as exc:
-            raise StorageError(f"bucket {self.settings.bucket} does not exist", op="open") from exc
-        except StorageError as exc:
-            raise StorageError(f"bucket {self.settings.bucket}: {exc}", op="open") from exc
+        problem = await self._bucket_problem()
+        if problem is not None:
+            await self._stack.aclose()
+            raise StorageError(f"bucket {self.bucket}: {problem}", op="open")
         try:
             (self.work / "tmp").mkdir(parents=True, exist_ok=True)
             (self.work / "tier").mkdir(parents=True, exist_ok=True)
@@ -225,6 +224,18 @@ class S3Driver:
             raise os_error("cannot prepare work directory", self.work, exc, "open") from exc
         await self._abort_leftovers()
         await asyncio.to_thread(self.tier.scan)
+
+    async def _bucket_problem(self) -> str | None:
+        try:
+            await self._call("head_bucket", lambda: self._client.head_bucket(Bucket=self.bucket))
+        except _Missing:
+            return "does not exist"
+        except StorageError as exc:
+            reason = str(exc)
+            if "403" in reason or "Forbidden" in reason or "AccessDenied" in reason:
+                return "access denied (check the credentials)"
+            return reason
+        return None
 
     @property
     def bucket(self) -> str:
@@ -314,7 +325,9 @@ class S3Driver:
             ) from exc
         except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             status = "error"
-            raise StorageError(f"object store unreachable ({type(exc).__name__})", op=op) from exc
+            raise StorageError(
+                f"object store unreachable ({type(exc).__name__})", op=op, unreachable=True
+            ) from exc
         finally:
             if self.on_request is not None:
                 self.on_request(op, status, time.perf_counter() - start)

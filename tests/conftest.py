@@ -30,9 +30,9 @@ import pytest
 from tests.harness.front import Front
 from tests.harness.images import SeededRegistry, seed_image, seed_standard_images
 from tests.harness.proxyproc import ProxyProcess
-from tests.harness.seaweed import SeaweedS3
 from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry, start_registry
+from tests.harness.seaweed import SeaweedS3
 from tests.harness.tokens import TokenIssuer, TokenRegistry
 
 

@@ -370,6 +370,19 @@ def test_rendered_config_loads_with_regproxy_loader(
         assert auth.htpasswd is not None and auth.htpasswd.read_text().startswith("alice:")
         assert auth.token.signing_key == b"k" * 64  # the same Secret on every replica
         assert auth.token.expires_in == 600
+    assert [e.name for e in config.sync.entries] == [s["repository"] for s in spec.get("sync", [])]
+    if spec.get("syncRatelimitFloor"):
+        assert config.sync.floor(100) == parse_ratelimit_floor_percent(spec["syncRatelimitFloor"])
+
+
+def parse_ratelimit_floor_percent(text: str) -> float:
+    return float(text.removesuffix("%"))
+
+
+def test_a_sync_entry_regproxy_rejects_is_caught_by_the_loader(helm: Path, tmp_path: Path) -> None:
+    overrides = {"sync": [{"repository": "quay.io/org/app", "interval": "1h"}]}
+    with pytest.raises(ConfigError, match=re.escape("sync[0].repository")):
+        load_rendered_config(render(helm, tmp_path, overrides=overrides), tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -176,3 +176,55 @@ def test_password_never_echoed(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "hunter2" not in result.stderr
+
+
+def test_s3_storage_from_flags_env_and_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t\n")
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(
+        "storage: s3://cache-bucket/team/prod/\n"
+        "s3:\n"
+        "  endpoint: http://minio:9000\n"
+        "  access_key_id: AKIA\n"
+        f"  secret_access_key_file: {secret}\n"
+    )
+    config = load_config(
+        config_file=config_file,
+        environ={"REGPROXY_S3_REDIRECT": "true", "REGPROXY_WORK_DIR": str(tmp_path / "w")},
+        flags={"work_max_size": "2GiB"},
+    )
+    assert config.s3 is not None
+    assert (config.s3.bucket, config.s3.prefix) == ("cache-bucket", "team/prod")
+    assert config.s3.endpoint == "http://minio:9000" and config.s3.secret_access_key == "s3cr3t"
+    assert config.s3.redirect is True and config.s3.path_style is None  # on: endpoint set
+    assert (config.work.path, config.work.max_size) == (tmp_path / "w", 2 * 1024**3)
+    assert "s3cr3t" not in repr(config)
+    env_only = load_config(environ={"REGPROXY_STORAGE": "s3://other-bucket"})
+    assert env_only.s3 is not None and (env_only.s3.bucket, env_only.s3.prefix) == (
+        "other-bucket",
+        "",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"storage": "s3://Bad_Bucket/x"}, "storage"),
+        ({"storage": "/data", "s3": {"endpoint": "http://m:9000"}}, "storage"),
+        ({"storage": "s3://bucket-a/x", "s3": {"access_key_id": "AKIA"}}, "s3.access_key_id"),
+        ({"storage": "s3://bucket-a/x", "s3": {"endpoint": "minio:9000"}}, "s3.endpoint"),
+        ({"storage": "s3://bucket-a/x", "s3": {"redirect": "maybe"}}, "s3.redirect"),
+        ({"storage": "s3://bucket-a/x", "s3": {"part_size": "1MiB"}}, "s3.part_size"),
+        ({"storage": "s3://bucket-a/x", "s3": {"colour": "blue"}}, "s3.colour"),
+        ({"work_max_size": "lots"}, "work_max_size"),
+    ],
+)
+def test_bad_s3_settings_name_the_key(tmp_path: Path, raw: dict[str, object], key: str) -> None:
+    import yaml
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file=config_file, environ={})
+    assert info.value.key == key

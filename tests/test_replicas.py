@@ -19,11 +19,15 @@ FrontFactory = Callable[..., Front]
 
 
 async def test_two_replicas_fetch_each_blob_once(
-    registry: Registry, front: FrontFactory, proxy_factory: ProxyFactory,
-    redis_server: RedisServer, tmp_path: Path,
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    redis_server: RedisServer,
+    tmp_path: Path,
 ) -> None:
-    image = seed_image(registry, "library/shared", "1", platforms=("linux/amd64",),
-                       layer_sizes=(3 * 1024 * 1024,))
+    image = seed_image(
+        registry, "library/shared", "1", platforms=("linux/amd64",), layer_sizes=(3 * 1024 * 1024,)
+    )
     digest = image.child("linux/amd64").layers[0]
     upstream = front(registry)
     # slow enough that both replicas are asked while the download is under way
@@ -61,9 +65,7 @@ async def test_redis_going_away_never_fails_a_pull(
     assert "redis unavailable" in proxy.logs()
 
 
-async def test_proxy_starts_without_redis(
-    registry: Registry, proxy_factory: ProxyFactory
-) -> None:
+async def test_proxy_starts_without_redis(registry: Registry, proxy_factory: ProxyFactory) -> None:
     image = seed_image(registry, "library/three", "1", platforms=("linux/amd64",), single=True)
     proxy = proxy_factory(registry.url, extra_args=["--redis", "redis://127.0.0.1:9/0"])
     await pull(proxy, image)

@@ -57,4 +57,3 @@ async def test_cancelled_waiter_does_not_cancel_the_work() -> None:
         await first
     assert await second == "ok"
     assert done.is_set()
-

@@ -29,8 +29,19 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.workdir / "redis.log", "wb")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

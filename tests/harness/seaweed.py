@@ -134,8 +134,8 @@ class SeaweedS3:
     def keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
         """Every key under ``prefix`` with its size."""
         found: dict[str, int] = {}
-        pages = self.client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         )
         for page in pages:
             for item in page.get("Contents") or []:

@@ -162,6 +162,8 @@ cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence
 {{- if $token }}{{ $_ := set $auth "token" $token }}{{ end }}
 {{- $_ := set $cfg "auth" $auth }}
 {{- end }}
+{{- with $v.sync }}{{ $_ := set $cfg "sync" . }}{{ end }}
+{{- with $v.syncRatelimitFloor }}{{ $_ := set $cfg "sync_ratelimit_floor" (toString .) }}{{ end }}
 {{- toYaml (mergeOverwrite $cfg (deepCopy $v.extraConfig)) }}
 {{- end }}
 
