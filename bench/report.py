@@ -11,8 +11,10 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Column order of the table; "reference" is nginx for static bytes, a direct pull otherwise.
-SUBJECTS = ("distribution", "regproxy", "nginx", "direct")
+#: Column order of the table; "reference" is nginx for static bytes, a direct pull otherwise, and
+#: regproxy on its filesystem backend in the object-storage figures.
+SUBJECTS = ("distribution", "regproxy", "nginx", "direct", "regproxy-fs")
+REFERENCES = ("nginx", "direct", "regproxy-fs")
 
 
 @dataclass
@@ -193,7 +195,8 @@ def loadavg() -> str:
 
 def _cell(fig: Figure, subject: str) -> str:
     if subject in fig.errors and fig.median(subject) is None:
-        return "error"
+        reason = " ".join(fig.errors[subject].split()).replace("|", "/")
+        return f"failed: {reason[:120]}"
     value = fig.median(subject)
     if value is None:
         return ""
@@ -218,14 +221,15 @@ def markdown(
         f"Command: `{meta['command']}` — {meta['started']}, {meta['duration_s']:.0f} s, "
         f"medians of {p['repeat']} runs (ratio to distribution in brackets).",
         "",
-        "| figure | distribution | regproxy | nginx sendfile / direct pull | target |",
+        "| figure | distribution | regproxy | nginx sendfile / direct pull / regproxy fs "
+        "| target |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     by_key: dict[str, list[Target]] = {}
     for t in targets:
         by_key.setdefault(t.key, []).append(t)
     for fig in figures:
-        ref = "nginx" if "nginx" in fig.samples or "nginx" in fig.errors else "direct"
+        ref = next((r for r in REFERENCES if r in fig.samples or r in fig.errors), "direct")
         checks = []
         for t in by_key.get(fig.key, []):
             mark = {True: "met", False: "**missed**", None: "n/a"}[t.met]

@@ -10,6 +10,8 @@ starting subject rotating from one repetition to the next so that drift does not
     3. cold pull                          skopeo   direct | distribution | regproxy  (fresh cache)
     4. N concurrent cold pulls            skopeo   direct | distribution | regproxy  (fresh cache)
     5. one cold huge blob (and one large) curl     distribution | regproxy  (fresh process + cache)
+    6. on object storage (bench/s3.py)    SeaweedFS up; distribution-s3 | regproxy-s3 (| regproxy)
+       warm blobs, cold pull, streaming a blob held in S3 only
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import load, report, seed, servers
+from bench import load, report, s3, seed, servers
 from bench.procs import install_signal_handlers, stop_all
 from bench.report import Figure, Target
 
 MiB = 1024 * 1024
-SCENARIOS = ("warm_blobs", "warm_manifests", "cold_pulls", "cold_stream")
+SCENARIOS = ("warm_blobs", "warm_manifests", "cold_pulls", "cold_stream", "s3")
 MB = 1000 * 1000
 
 
@@ -43,6 +45,8 @@ MB = 1000 * 1000
 class Params:
     small_blob: int = 1 * MiB
     large_blob: int = 64 * MiB
+    #: The large blob of the object-storage figures (scenario ``s3``).
+    s3_large_blob: int = 32 * MiB
     huge_blob: int = 1024 * MiB
     #: ~200 MB in 5 layers, sizes as uneven as real images'.
     layers: list[int] = field(default_factory=lambda: [80 * MB, 60 * MB, 30 * MB, 20 * MB, 10 * MB])
@@ -66,6 +70,7 @@ class Params:
         return cls(
             small_blob=64 * 1024,
             large_blob=1 * MiB,
+            s3_large_blob=2 * MiB,
             huge_blob=4 * MiB,
             layers=[200_000, 150_000, 100_000, 50_000, 20_000],
             seconds=1.0,
@@ -123,7 +128,8 @@ class Bench:
         self.small = seed.random_blob(pusher, "bench/blobs", p.small_blob, "small", salt)
         self.large = seed.random_blob(pusher, "bench/blobs", p.large_blob, "large", salt)
         # The huge blob is only needed (and only worth the push) for the cold stream.
-        huge_size = p.huge_blob if p.only is None or "cold_stream" in p.only else 1024
+        streamed = p.only is None or {"cold_stream", "s3"} & set(p.only)
+        huge_size = p.huge_blob if streamed else 1024
         self.huge = seed.random_blob(pusher, "bench/blobs", huge_size, "huge", salt)
         self.image = seed.push_image(pusher, "bench/image", "v1", p.layers, salt)
         self.log(
@@ -447,6 +453,12 @@ class Bench:
                 ),
             )
 
+    # -- 6: on object storage ----------------------------------------------------------------
+
+    def object_storage(self) -> None:
+        """distribution and regproxy on one SeaweedFS store (``bench/s3.py``)."""
+        s3.S3Scenario(self).run()
+
     # -- targets -----------------------------------------------------------------------------
 
     def targets(self) -> list[Target]:
@@ -554,6 +566,8 @@ class Bench:
                 16.0,
             )
         )
+        assert self.huge
+        out += s3.targets(f, self.huge.size, self.p.s3_large_blob)
         return out
 
     # -- whole run ---------------------------------------------------------------------------
@@ -565,6 +579,7 @@ class Bench:
             "warm_manifests": self.warm_manifests,
             "cold_pulls": self.cold_pulls,
             "cold_stream": self.cold_stream,
+            "s3": self.object_storage,
         }
         for name, step in steps.items():
             if self.p.only is None or name in self.p.only:

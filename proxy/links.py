@@ -89,13 +89,7 @@ class Links:
         key = (upstream, repository, digest)
         if key in self._known:
             return True
-        try:
-            found = await self.meta.get_record(upstream, repository, "links", digest)
-        except StorageError as exc:
-            if not exc.unreachable:
-                raise
-            return False  # the object store is away: confirm with upstream instead
-        if found is not None:
+        if await self.meta.get_record(upstream, repository, "links", digest) is not None:
             self._known[key] = True
             return True
         return False

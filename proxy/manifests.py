@@ -191,12 +191,7 @@ class ManifestService:
         self, upstream: Upstream, repository: str, tag: str, *, head: bool, force: bool = False
     ) -> Manifest:
         """``force``: ask upstream (HEAD) even within the tag TTL (scheduled sync does)."""
-        try:
-            entry = await self.meta.get_tag(upstream.name, repository, tag)
-        except StorageError as exc:
-            if not exc.unreachable:
-                raise
-            entry = None  # the object store is away: ask upstream
+        entry = await self.meta.get_tag(upstream.name, repository, tag)
         if entry is not None and (
             self.offline or (not force and time.time() - entry.checked_at < upstream.config.tag_ttl)
         ):

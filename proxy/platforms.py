@@ -36,7 +36,7 @@ from typing import Any
 
 from proxy.blobs import BlobService
 from proxy.config import ConfigError
-from proxy.errors import ManifestUnknown, RegistryError, StorageError, UpstreamContentError
+from proxy.errors import ManifestUnknown, RegistryError, UpstreamContentError
 from proxy.manifests import Manifest, ManifestService
 from proxy.reference import digest_of, parse_image
 from proxy.routing import Router
@@ -489,12 +489,7 @@ class PlatformService:
         """Where to fetch ``digest`` requested under ``repository`` from upstream."""
         if not self.config.rules:
             return upstream, repository
-        try:
-            raw = await self.meta.get_record(upstream.name, repository, "sources", digest)
-        except StorageError as exc:
-            if not exc.unreachable:
-                raise
-            raw = None  # the object store is away: ask the repository itself
+        raw = await self.meta.get_record(upstream.name, repository, "sources", digest)
         if raw is None:
             return upstream, repository
         src = json.loads(raw)

@@ -89,6 +89,15 @@ class ContentStore:
         )
         self._tags: LRUCache[tuple[str, str, str], TagEntry] = LRUCache(maxsize=100_000)
 
+    def unavailable(self, exc: StorageError) -> None:
+        """Reads of manifests and records while the store is unreachable (S3 down) answer "not
+        there" once the error is logged and counted, so a pull falls back to upstream — the
+        source of truth — instead of failing; ``/readyz`` says 503 meanwhile. A broken local
+        disk is not "unreachable": it raises."""
+        if not exc.unreachable:
+            raise self.failed(exc) from exc
+        self.failed(exc)
+
     def failed(self, exc: StorageError) -> StorageError:
         """Log and count a storage error once, then hand it back to be raised."""
         log.error("storage error: %s", exc)
@@ -184,7 +193,8 @@ class ContentStore:
                 data = await self.driver.get(key)
                 media_type = await self.driver.get(key + ".type") if data is not None else None
             except StorageError as exc:
-                raise self.failed(exc) from exc
+                self.unavailable(exc)
+                return None
             if data is None or media_type is None:
                 return None
             algorithm, hexpart = split_digest(digest)
@@ -229,7 +239,8 @@ class ContentStore:
         try:
             return await self.driver.get(record_key(upstream, repository, kind, key))
         except StorageError as exc:
-            raise self.failed(exc) from exc
+            self.unavailable(exc)
+            return None
 
     async def set_record(
         self, upstream: str, repository: str, kind: str, key: str, value: bytes

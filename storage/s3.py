@@ -55,6 +55,8 @@ PARTS_IN_FLIGHT = 2
 #: Multipart uploads older than this under the prefix are taken as abandoned at start.
 ABANDONED_AFTER = 24 * 3600.0
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+#: Seconds requests fail fast after the store was found unreachable.
+DOWN_FOR = 2.0
 
 
 class _Missing(Exception):
@@ -166,6 +168,7 @@ class S3Driver:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._ready_at = 0.0
+        self._down_until = 0.0
         self._ready: list[str] = []
 
     def _key(self, key: str) -> str:
@@ -296,7 +299,11 @@ class S3Driver:
         problems = check_local_dir(self.tmp_dir, self.work)
         try:
             await asyncio.wait_for(
-                self._call("head_bucket", lambda: self._client.head_bucket(Bucket=self.bucket)),
+                self._call(
+                    "head_bucket",
+                    lambda: self._client.head_bucket(Bucket=self.bucket),
+                    probe=True,
+                ),
                 3.0,
             )
         except (StorageError, _Missing, TimeoutError) as exc:
@@ -306,12 +313,23 @@ class S3Driver:
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one S3 request, translating failures and counting it."""
+    async def _call(self, op: str, call: Callable[[], Awaitable[T]], *, probe: bool = False) -> T:
+        """Run one S3 request, translating failures and counting it.
+
+        Once the store was unreachable, requests fail at once for ``DOWN_FOR`` seconds instead of
+        each waiting out connection retries (pulls are relayed from upstream meanwhile); ``probe``
+        requests (readiness) always go out, and the first success closes the gap.
+        """
+        if not probe and time.monotonic() < self._down_until:
+            raise StorageError(
+                "object store unreachable (recently failed)", op=op, unreachable=True
+            )
         start = time.perf_counter()
         status = "ok"
         try:
-            return await call()
+            result = await call()
+            self._down_until = 0.0
+            return result
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
@@ -320,11 +338,14 @@ class S3Driver:
                 raise _Missing(code) from exc
             status = "error"
             http = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if http >= 500:
+                self._down_until = time.monotonic() + DOWN_FOR
             raise StorageError(
                 f"object store answered {code or 'an error'}", op=op, unreachable=http >= 500
             ) from exc
         except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             status = "error"
+            self._down_until = time.monotonic() + DOWN_FOR
             raise StorageError(
                 f"object store unreachable ({type(exc).__name__})", op=op, unreachable=True
             ) from exc

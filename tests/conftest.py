@@ -10,8 +10,12 @@ seeded_registry    session    one registry holding ``STANDARD_IMAGES`` (``Seeded
 token_registry     function   registry behind a ``TokenIssuer`` with one image (``TokenRegistry``)
 front              function   factory: ``front(upstream) -> Front`` (started, stopped at teardown)
 proxy_factory      function   factory: ``proxy_factory(upstream_url, **kw) -> ProxyProcess``
-seaweed            session    SeaweedFS (``weed mini``), a real S3 store (``SeaweedS3``); make a
-                              bucket per test with ``seaweed.bucket()``
+seaweed            session    one SeaweedFS ``weed mini`` S3 store (``SeaweedS3``); a test that
+                              stops it starts it again (``s3`` does too); bucket per test:
+                              ``s3`` or ``seaweed.bucket()``
+s3                 function   a fresh bucket + prefix on ``seaweed`` (``S3Location``; ``.url``
+                              is ``s3://BUCKET/PREFIX``, ``.env()`` the proxy's AWS_* variables)
+s3_front           function   factory: ``s3_front() -> S3Front`` before ``seaweed`` (faults, counts)
 =================  =========  ==============================================================
 
 Every server listens on 127.0.0.1 only and is stopped by the fixture that started it.
@@ -32,7 +36,8 @@ from tests.harness.images import SeededRegistry, seed_image, seed_standard_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry, start_registry
-from tests.harness.seaweed import SeaweedS3
+from tests.harness.s3front import S3Front
+from tests.harness.seaweed import S3Location, SeaweedS3, empty_bucket
 from tests.harness.tokens import TokenIssuer, TokenRegistry
 
 
@@ -141,6 +146,43 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
-    yield server
-    server.stop()
+    """The shared SeaweedFS S3 store; a test that stops or kills it must ``start()`` it again."""
+    store = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    try:
+        store.start()
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def s3(seaweed: SeaweedS3) -> Iterator[S3Location]:
+    """A fresh bucket and prefix on the shared store, emptied and deleted at teardown.
+
+    Starts the store again first if an earlier test stopped or killed it (``start()`` is
+    idempotent and keeps the endpoint and data).
+    """
+    seaweed.start()
+    bucket = seaweed.create_bucket()
+    try:
+        yield S3Location(seaweed, bucket, "regproxy")
+    finally:
+        empty_bucket(seaweed, bucket)
+
+
+@pytest.fixture
+def s3_front(seaweed: SeaweedS3) -> Iterator[Callable[[], S3Front]]:
+    """Factory: ``s3_front()`` starts an ``S3Front`` before the shared store (stopped after)."""
+    started: list[S3Front] = []
+
+    def make() -> S3Front:
+        instance = S3Front(seaweed.endpoint)
+        started.append(instance)
+        instance.start()
+        return instance
+
+    try:
+        yield make
+    finally:
+        for instance in reversed(started):
+            instance.stop()

@@ -1,8 +1,9 @@
 """The benchmark still runs: ``python -m bench --quick`` end to end, every figure in its JSON.
 
 Tiny sizes and 1-second load runs (well under a minute); no figure is judged here — the targets
-are benchmark targets, not assertions. What is asserted is that the run stands up the four
-servers, measures every figure for every subject, writes JSON and Markdown, and stops everything.
+are benchmark targets, not assertions. What is asserted is that the run stands up the servers
+(SeaweedFS and the two caches on it included), measures every figure for every subject, writes
+JSON and Markdown, and stops everything.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "stream_cpu": ("distribution", "regproxy"),
     "stream_speed": ("distribution", "regproxy"),
     "stream_rss_large": ("distribution", "regproxy"),
+    # On one SeaweedFS store: distribution = its s3 driver, regproxy = --storage s3://.
+    "s3_warm_blob_small": ("distribution", "regproxy"),
+    "s3_warm_blob_large": ("distribution", "regproxy"),
+    "s3_cold_pull": ("distribution", "regproxy", "regproxy-fs"),
+    "s3_stream_rss": ("distribution", "regproxy"),
+    "s3_stream_speed": ("distribution", "regproxy"),
+    "s3_stream_rss_large": ("distribution", "regproxy"),
 }
 
 TARGETS = {
@@ -42,6 +50,10 @@ TARGETS = {
     "concurrent_pull_upstream",
     "stream_rss",
     "stream_rss_large",
+    "s3_warm_blob_small",
+    "s3_warm_blob_large",
+    "s3_cold_pull",
+    "s3_stream_rss_large",
 }
 
 
@@ -61,7 +73,7 @@ def _servers_left(workdir: Path) -> list[str]:
 
 
 def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
-    for tool in ("docker-registry", "nginx", "wrk", "skopeo", "curl"):
+    for tool in ("docker-registry", "nginx", "wrk", "skopeo", "curl", "weed"):
         require_tool(tool)
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
@@ -117,3 +129,51 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
     table = md.read_text()
     assert table.startswith("Command: `python -m bench --quick")
     assert "| Warm blob" in table and "Machine:" in table
+
+
+def test_a_subject_that_failed_is_reported_with_its_reason() -> None:
+    """A row whose subject could not run says why, instead of a number or a crash."""
+    from bench.report import Figure, Target, markdown
+
+    fig = Figure("s3_warm_blob_small", "On S3: warm blob 1 MiB", "MB/s", "higher")
+    fig.add("distribution", 67.0)
+    fig.errors["regproxy"] = "regproxy-s3 did not start: error: unrecognized | --work-dir"
+    target = Target("s3_warm_blob_small", "≥ 5x distribution-on-S3", fig.ratio("regproxy"), ">=", 5)
+    meta = {
+        "command": "python -m bench --only s3",
+        "started": "now",
+        "duration_s": 1.0,
+        "machine": {
+            k: "?"
+            for k in (
+                "cpu",
+                "cores",
+                "memory_gb",
+                "os",
+                "kernel",
+                "python",
+                "aiohttp",
+                "uvloop",
+                "distribution",
+                "nginx",
+                "wrk",
+                "skopeo",
+                "curl",
+                "regproxy_commit",
+                "loadavg_start",
+            )
+        },
+        "params": {
+            "repeat": 1,
+            "connections": 1,
+            "seconds": 1,
+            "blob_client": "bigload",
+            "threads": 1,
+            "image_desc": "-",
+        },
+    }
+    (row,) = [ln for ln in markdown([fig], [target], meta).splitlines() if "warm blob" in ln]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "67.0"
+    assert cells[2] == "failed: regproxy-s3 did not start: error: unrecognized / --work-dir"
+    assert cells[4].endswith("n/a")

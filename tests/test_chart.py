@@ -319,17 +319,38 @@ def load_rendered_config(rendered: Rendered, tmp: Path) -> Config:
         local.write_text(content)
         section[field] = str(local)
 
-    env: dict[str, str] = {}
-    for var in container.get("env", []):
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        elif var["name"] == "REGPROXY_REDIS_URL":
-            env[var["name"]] = "redis://:from-secret@redis:6379/0"
-        else:
-            env[var["name"]] = f"from-{var['valueFrom']['secretKeyRef']['name']}"
+    env = container_env(container)
     config_file = tmp / "config.yml"
     config_file.write_text(yaml.safe_dump(raw))
     return load_config(config_file=config_file, environ=env)
+
+
+#: What the kubelet would give the pod for ``fieldRef`` variables.
+POD_FIELDS = {"status.podIP": "10.244.1.17"}
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it, with stand-ins for Secrets.
+
+    ``$(VAR)`` references to variables defined earlier are expanded, as Kubernetes does.
+    """
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            value = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: env.get(m.group(1), m.group(0)),
+                var["value"],
+            )
+        elif var["name"] == "REGPROXY_REDIS_URL":
+            value = "redis://:from-secret@redis:6379/0"
+        elif "fieldRef" in var["valueFrom"]:
+            value = POD_FIELDS[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            value = f"from-{ref['name']}/{ref['key']}"
+        env[var["name"]] = value
+    return env
 
 
 @pytest.mark.parametrize("values", VALUES_FILES, ids=ids)
@@ -340,16 +361,26 @@ def test_rendered_config_loads_with_regproxy_loader(
     config = load_rendered_config(rendered, tmp_path)
     spec = yaml.safe_load(values.read_text()) or {}
 
-    # The cache lives on the mounted volume; regproxy listens on the port the probes use.
+    # The cache lives on the mounted volume (or in the bucket, with only the work dir on a
+    # volume); regproxy listens on the port the probes use.
     mounts = {m["name"]: m["mountPath"] for m in rendered.container["volumeMounts"]}
-    assert config.storage == Path(mounts["cache"])
+    s3 = (spec.get("storage") or {}).get("s3") or {}
+    if s3.get("bucket"):
+        assert config.s3 is not None
+        assert (config.s3.bucket, config.s3.prefix) == (s3["bucket"], s3.get("prefix", ""))
+        assert config.work.path == Path(mounts["work"])
+        assert "cache" not in mounts
+    else:
+        assert config.s3 is None
+        assert config.storage == Path(mounts["cache"])
     (port,) = rendered.container["ports"]
     assert config.listen_address == ("0.0.0.0", port["containerPort"])
     assert rendered.get("Service")["spec"]["ports"][0]["targetPort"] == port["name"]
 
     expected_upstreams = {"docker.io", *(spec.get("upstreams") or {})}
     assert set(config.upstreams) == expected_upstreams
-    assert config.cache.max_size is not None
+    if not s3.get("bucket") or (spec.get("cache") or {}).get("maxSize"):
+        assert config.cache.max_size is not None
     if "replicaCount" in spec:
         assert config.redis_url == "redis://:from-secret@redis:6379/0"
     for name, upstream in (spec.get("upstreams") or {}).items():
@@ -486,6 +517,100 @@ def test_replicated_release_shares_volume_and_redis(helm: Path, tmp_path: Path) 
     assert backend["name"] == rendered.get("Service")["metadata"]["name"]
 
 
+def test_s3_release_has_replicas_and_no_shared_volume(helm: Path, tmp_path: Path) -> None:
+    values = CHART / "ci" / "s3-values.yaml"
+    rendered = render(helm, tmp_path, values)
+    deployment = rendered.get("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = rendered.container
+
+    # Three replicas, no claim at all: each pod's work dir is its own emptyDir, sized from
+    # workMaxSize (20Gi) plus a quarter for downloads in flight.
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    assert "PersistentVolumeClaim" not in rendered.kinds()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "cache" not in volumes
+    assert volumes["work"] == {"name": "work", "emptyDir": {"sizeLimit": "25600Mi"}}
+
+    # Credentials from the existing Secret as the standard AWS variables, never in config.yml.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "regproxy-s3",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "regproxy-s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    raw = yaml.safe_load(rendered.config_text)
+    assert raw["storage"] == "s3://regproxy-cache/prod/eu"
+    assert raw["s3"] == {
+        "endpoint": "http://minio.storage.svc.cluster.local:9000",
+        "region": "eu-west-1",
+        "redirect": False,
+    }
+    assert "access_key_id" not in raw["s3"] and "secret" not in rendered.config_text
+    assert raw["work_max_size"] == "20Gi"
+    assert "redis" not in raw  # the URL stays in its Secret
+
+    # Through the real loader, with the environment the kubelet builds (pod IP expanded).
+    config = load_rendered_config(rendered, tmp_path)
+    assert config.s3 is not None
+    assert config.s3.bucket == "regproxy-cache" and config.s3.prefix == "prod/eu"
+    assert config.s3.endpoint == "http://minio.storage.svc.cluster.local:9000"
+    assert config.s3.region == "eu-west-1"
+    assert config.s3.redirect is False
+    assert config.s3.access_key_id is None  # the AWS chain reads AWS_ACCESS_KEY_ID itself
+    assert config.work.max_size == parse_size("20GiB")
+    assert config.cache.max_size == parse_size("2TiB")
+    assert config.redis_url == "redis://:from-secret@redis:6379/0"
+    (port,) = container["ports"]
+    assert config.advertise_url == f"http://{POD_FIELDS['status.podIP']}:{port['containerPort']}"
+
+
+def test_s3_values_render_into_config_and_volume(helm: Path, tmp_path: Path) -> None:
+    """Every storage.s3 value reaches config.yml; an ephemeral work volume is a claim per pod."""
+    overrides = {
+        "storage": {
+            "s3": {
+                "bucket": "cache-bucket",
+                "prefix": "/edge/",
+                "pathStyle": False,
+                "redirect": True,
+            },
+            "workMaxSize": "8Gi",
+            "workVolume": {"type": "ephemeral", "size": "12Gi", "storageClass": "local-nvme"},
+        }
+    }
+    for kube_version in _kube_versions():
+        rendered = render(helm, tmp_path, overrides=overrides, kube_version=kube_version)
+        for doc in rendered.docs:
+            validate_object(doc, kube_version)
+    pod = rendered.get("Deployment")["spec"]["template"]["spec"]
+    work = {v["name"]: v for v in pod["volumes"]}["work"]
+    claim = work["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["resources"]["requests"]["storage"] == "12Gi"
+    assert claim["storageClassName"] == "local-nvme"
+    assert claim["accessModes"] == ["ReadWriteOnce"]
+    assert "PersistentVolumeClaim" not in rendered.kinds()
+    # One replica on a per-pod volume: no reason to stop the old pod first.
+    assert rendered.get("Deployment")["spec"]["strategy"] == {"type": "RollingUpdate"}
+    env = {e["name"] for e in rendered.container.get("env", [])}
+    assert "AWS_ACCESS_KEY_ID" not in env  # no existingSecret: the AWS chain (IRSA, ...)
+
+    raw = yaml.safe_load(rendered.config_text)
+    assert raw["storage"] == "s3://cache-bucket/edge"
+    assert raw["s3"] == {"path_style": False, "redirect": True}
+    assert "max_size" not in raw["cache"]  # no volume to derive it from: unbounded unless set
+    config = load_rendered_config(rendered, tmp_path)
+    assert config.s3 is not None
+    assert (config.s3.bucket, config.s3.prefix) == ("cache-bucket", "edge")
+    assert config.s3.path_style is False and config.s3.redirect is True
+    assert config.cache.max_size is None
+    assert config.work.max_size == parse_size("8GiB")
+
+
 def test_config_change_rolls_the_pods(helm: Path, tmp_path: Path) -> None:
     def checksum(overrides: dict[str, Any]) -> str:
         deployment = render(helm, tmp_path, overrides=overrides).get("Deployment")
@@ -518,6 +643,26 @@ def test_config_change_rolls_the_pods(helm: Path, tmp_path: Path) -> None:
             },
             "persistence.enabled=true",
             id="replicas-on-emptydir",
+        ),
+        pytest.param(
+            {"replicaCount": 2, "storage": {"s3": {"bucket": "regproxy-cache"}}},
+            "more than one replica needs redis.url",
+            id="s3-replicas-without-redis",
+        ),
+        pytest.param(
+            {"storage": {"s3": {"bucket": "Not_A_Bucket"}}},
+            "/storage/s3/bucket",
+            id="bad-bucket-name",
+        ),
+        pytest.param(
+            {"storage": {"s3": {"bucket": "b-1"}, "workVolume": {"type": "hostPath"}}},
+            "/storage/workVolume/type",
+            id="bad-work-volume-type",
+        ),
+        pytest.param(
+            {"storage": {"s3": {"bucket": "b-1"}, "workMaxSize": "10 gigs"}},
+            "/storage/workMaxSize",
+            id="bad-work-max-size",
         ),
         pytest.param({"tagTTL": "5 minutes"}, "/tagTTL", id="bad-duration"),
         pytest.param({"cache": {"maxsize": "10GiB"}}, "maxsize", id="misspelt-key"),

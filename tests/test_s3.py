@@ -243,6 +243,7 @@ async def test_object_store_down_readyz_503_and_pulls_still_verified(
     tmp_path: Path,
 ) -> None:
     image = seed_image(registry, "library/down", "1", platforms=("linux/amd64",), single=True)
+    cold = seed_image(registry, "library/cold", "1", platforms=("linux/amd64", "linux/arm64"))
     upstream = front(registry)
     bucket = seaweed.bucket()
     proxy = s3_proxy(proxy_factory, seaweed, bucket, upstream.url, tmp_path / "w")
@@ -255,6 +256,7 @@ async def test_object_store_down_readyz_503_and_pulls_still_verified(
         for digest in (child.config_digest, *child.layers):
             status, _, data = await fetch(f"{proxy.url}/v2/library/down/blobs/{digest}")
             assert status == 200 and data == image.blobs[digest]
+        await pull(proxy, cold, "linux/arm64")  # tags, indexes, manifests: from upstream
     finally:
         seaweed.start()
     deadline = time.monotonic() + 20

