@@ -544,7 +544,9 @@ def test_podman_mirror_pulls_anonymously(env: Env) -> None:
     client = [r for r in log.requests() if r[1].startswith(("/v2/", "/token?"))]
     assert ("GET", "/v2/", 401) in client
     assert any(path.startswith("/token?") and status == 200 for _, path, status in client)
-    assert all(status == 200 for _, path, status in client if path != "/v2/"), client
+    # 2xx: containers/image may resume a slow blob with a Range request (206)
+    refused = [r for r in client if r[1] != "/v2/" and not 200 <= r[2] < 300]
+    assert not refused, client
 
 
 def test_podman_login_and_pull_of_private_image(env: Env) -> None:
