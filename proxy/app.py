@@ -6,9 +6,11 @@ Routes::
     GET|HEAD   /v2/<name>/manifests/<reference>  proxy.platforms -> proxy.manifests
     GET|HEAD   /v2/<name>/blobs/<digest>         proxy.blobs
     GET        /v2/<name>/tags/list              proxy.manifests (tags_list)
+    GET|HEAD   /v2/<name>/referrers/<digest>     proxy.referrers (OCI 1.1, ?artifactType=)
     *          /v2/...                           405 UNSUPPORTED for anything that would write
     GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
+    GET|POST   /token                            Bearer tokens, with auth (proxy.tokens)
     GET        /_regproxy/peer/blobs/<digest>    another replica streams a download (shared secret)
     GET        /_regproxy/, /_regproxy/api/...   operator's console and its JSON (proxy.console)
     GET        /_regproxy/sync                   scheduled sync: entries, tags, digests, runs
@@ -56,9 +58,10 @@ from proxy.manifests import Manifest, ManifestService
 from proxy.metrics import CONTENT_TYPE_LATEST, Metrics, UsageStats
 from proxy.platforms import PlatformService, accepts_index, load_platforms
 from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
+from proxy.referrers import ReferrersService
 from proxy.routing import Router
 from proxy.sync import SYNC, SyncService, handle_sync_status
-from proxy.upstream import INDEX_TYPES, Upstream, Upstreams
+from proxy.upstream import INDEX_TYPES, OCI_INDEX, Upstream, Upstreams
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
@@ -79,6 +82,7 @@ USAGE = web.AppKey("usage", UsageStats)
 AUTH = web.AppKey("auth", Authenticator)
 LINKS = web.AppKey("links", Links)
 CACHE = web.AppKey("cache", CacheManager)
+REFERRERS = web.AppKey("referrers", ReferrersService)
 
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = ("GET", "HEAD")
@@ -188,7 +192,7 @@ async def _route(request: web.Request, name: str) -> tuple[Upstream, str]:
     upstream_name, repository = request.app[ROUTER].route(name, request.query.get("ns"))
     auth = request.app[AUTH]
     if auth.enabled:
-        await auth.check(request.headers.get("Authorization"), upstream_name, repository)
+        await auth.check(request, name, upstream_name, repository)
     return request.app[UPSTREAMS][upstream_name], repository
 
 
@@ -196,8 +200,17 @@ async def handle_base(request: web.Request) -> web.Response:
     request["route"] = "base"
     if request.method not in READ_METHODS:
         raise Unsupported({"method": request.method})
-    await request.app[AUTH].check_login(request.headers.get("Authorization"))
+    await request.app[AUTH].check_base(request)
     return web.json_response({}, headers=API_HEADERS)
+
+
+async def handle_token(request: web.Request) -> web.StreamResponse:
+    """``/token``: the Bearer token service (``proxy.tokens``), when client auth is on."""
+    request["route"] = "token"
+    auth = request.app[AUTH]
+    if not auth.enabled:
+        raise web.HTTPNotFound()
+    return await auth.token_endpoint(request)
 
 
 async def handle_v2(request: web.Request) -> web.StreamResponse:
@@ -292,6 +305,23 @@ async def serve_manifest(
     return resp
 
 
+async def handle_referrers(request: web.Request) -> web.StreamResponse:
+    """``/v2/<name>/referrers/<digest>``: an OCI index of the manifests naming the digest."""
+    request["route"] = "referrers"
+    if request.method not in READ_METHODS:
+        raise Unsupported({"method": request.method})
+    name = request.match_info["name"]
+    check_name(name)
+    digest = check_digest(request.match_info["digest"])
+    upstream, repository = await _route(request, name)
+    artifact_type = request.query.get("artifactType", "")[:255] or None
+    answer = await request.app[REFERRERS].get(upstream, repository, digest, artifact_type)
+    headers = {"Content-Type": OCI_INDEX, "X-Cache": answer.cache}
+    if answer.filtered:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return web.Response(body=answer.body, headers=headers)
+
+
 async def serve_tags(request: web.Request, upstream: Upstream, repository: str) -> web.Response:
     query = {}
     for key in ("n", "last"):
@@ -380,15 +410,19 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
-    app[AUTH] = Authenticator(load_auth(config.auth))
+    app[AUTH] = Authenticator(
+        load_auth(config.auth), Router(config.upstreams, config.default_upstream)
+    )
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v2/", handle_base)
     app.router.add_route("*", "/v2", handle_base)
+    app.router.add_route("*", "/v2/{name:.+}/referrers/{digest}", handle_referrers)
     app.router.add_route("*", "/v2/{path:.+}", handle_v2)
     app.router.add_get("/healthz", handle_healthz, allow_head=True)
     app.router.add_get("/readyz", handle_readyz, allow_head=True)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/_regproxy/inspect", handle_inspect)
+    app.router.add_route("*", "/token", handle_token)
     app.router.add_get("/_regproxy/peer/blobs/{digest}", handle_peer_blob)
     setup_console(app)  # /_regproxy/ and /_regproxy/api/...: proxy.console
     app.router.add_get("/_regproxy/sync", handle_sync_status)
@@ -450,6 +484,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         cache.coordinator = coordinator
     app[MANIFESTS] = ManifestService(storage, meta, offline=config.offline)
     app[LINKS] = Links(meta, offline=config.offline)
+    app[REFERRERS] = ReferrersService(app[MANIFESTS], meta, offline=config.offline)
     app[PLATFORMS] = PlatformService(
         load_platforms(config.platforms),
         manifests=app[MANIFESTS],

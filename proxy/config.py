@@ -268,6 +268,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis.url", "--redis"),
     Setting("tls_cert", "--tls-cert"),
     Setting("tls_key", "--tls-key"),
+    Setting("auth.token.signing_key_file"),
+    Setting("auth.token.signing_key"),  # environment only: never a flag, never in a file
+    Setting("auth.token.realm"),
     Setting("work_dir", "--work-dir"),
     Setting("work_max_size", "--work-max-size"),
     Setting("advertise_url", "--advertise-url"),

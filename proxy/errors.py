@@ -5,7 +5,7 @@ Hierarchy::
     RegproxyError
     ├── RegistryError                 an answer to the client in the spec's error envelope
     │   ├── NameInvalid               400 NAME_INVALID
-    │   ├── ManifestInvalid           400 MANIFEST_INVALID (also a malformed tag)
+    │   ├── ManifestInvalid           400 MANIFEST_INVALID (also a malformed tag in an image name)
     │   ├── DigestInvalid             400 DIGEST_INVALID
     │   ├── RangeInvalid              416 RANGE_INVALID
     │   ├── Unauthorized              401 UNAUTHORIZED

@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from proxy.errors import DigestInvalid, ManifestInvalid, NameInvalid
+from proxy.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -51,8 +51,17 @@ def check_digest(digest: str) -> str:
 
 
 def check_reference(reference: str) -> str:
-    """A manifest reference: a tag or a digest."""
-    return check_digest(reference) if is_digest(reference) else check_tag(reference)
+    """A manifest reference: a tag or a digest.
+
+    A reference that is no valid tag cannot name a manifest anywhere, so it is
+    ``MANIFEST_UNKNOWN`` (404, as the OCI conformance suite expects of ``.INVALID_MANIFEST_NAME``),
+    answered without asking upstream; a malformed digest stays ``DIGEST_INVALID`` (400).
+    """
+    if is_digest(reference):
+        return check_digest(reference)
+    if not TAG_RE.fullmatch(reference):
+        raise ManifestUnknown({"tag": reference[:300]}, message="manifest unknown: invalid tag")
+    return reference
 
 
 def hasher(digest: str) -> hashlib._Hash:

@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.auth import load_auth
 from proxy.config import Config, ConfigError, load_config, parse_size
 from tests.harness.clients import run
 from tests.harness.tools import require_tool
@@ -302,6 +303,22 @@ def load_rendered_config(rendered: Rendered, tmp: Path) -> Config:
         local.write_text(f"secret-of-{secret['secretName']}\n")
         upstream["password_file"] = str(local)
 
+    auth = raw.get("auth") or {}
+    secret_files = []
+    if "htpasswd" in auth:
+        secret_files.append((auth, "htpasswd", "alice:$2y$04$" + "a" * 53 + "\n"))
+    if "signing_key_file" in (auth.get("token") or {}):
+        secret_files.append((auth["token"], "signing_key_file", "k" * 64 + "\n"))
+    for section, field, content in secret_files:
+        path = section[field]
+        directory, _, filename = path.rpartition("/")
+        assert directory in mounts, f"auth {field} {path} is not mounted"
+        assert filename in [item["path"] for item in mounts[directory]["secret"]["items"]]
+        local = root / path.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(content)
+        section[field] = str(local)
+
     env = container_env(container)
     config_file = tmp / "config.yml"
     config_file.write_text(yaml.safe_dump(raw))
@@ -375,6 +392,15 @@ def test_rendered_config_loads_with_regproxy_loader(
         assert config.platforms == spec["platforms"]
     for pin in (spec.get("cache") or {}).get("pin", []):
         assert pin in config.cache.pin
+    auth_spec = spec.get("auth") or {}
+    if auth_spec:
+        auth = load_auth(config.auth)
+        assert [(list(r.users), list(r.repositories)) for r in auth.rules] == [
+            (r["users"], r["repositories"]) for r in auth_spec["rules"]
+        ]
+        assert auth.htpasswd is not None and auth.htpasswd.read_text().startswith("alice:")
+        assert auth.token.signing_key == b"k" * 64  # the same Secret on every replica
+        assert auth.token.expires_in == 600
     assert [e.name for e in config.sync.entries] == [s["repository"] for s in spec.get("sync", [])]
     if spec.get("syncRatelimitFloor"):
         assert config.sync.floor(100) == parse_ratelimit_floor_percent(spec["syncRatelimitFloor"])

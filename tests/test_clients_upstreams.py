@@ -18,27 +18,26 @@ holds whatever order the tests run in (regproxy fetches each digest once, then s
 The module's dockerd has a Docker Hub login in its CLI config (``auths`` for
 ``https://index.docker.io/v1/``, a fake token), as a developer machine has.
 
-What the clients do (seen with a recording Front between the client and regproxy; dockerd
-20.10.24, ctr 1.6.20, skopeo 1.9.3):
+What the clients do against regproxy's Bearer challenge (seen in regproxy's access log; dockerd
+20.10.24, ctr 1.6.20, podman 4.3.1, skopeo 1.9.3):
 
-* dockerd, mirror pull: ``GET /v2/`` without ``Authorization`` -> 401 ``Basic realm="regproxy"``;
-  then every request (``HEAD`` tag, ``GET`` manifest by digest, blobs) carries ``Authorization:
-  Basic`` with its *Docker Hub* login, even though the mirror is not Docker Hub. regproxy takes an
-  unknown user as anonymous. A mirror 401 on the tag makes dockerd fall back to Docker Hub
-  (which the offline guard refuses).
-* ``docker login HOST``: ``GET /v2/`` without, then with ``Authorization: Basic``; a 401 on the
-  second is "login attempt to http://HOST/v2/ failed with status: 401 Unauthorized", exit 1.
-  ``docker pull HOST/corp/…`` after login: unauthenticated ``GET /v2/``, then everything with
-  alice's Basic credentials (not the Hub login). After ``docker logout`` dockerd stops after the
-  ping: "Head …/manifests/1: no basic auth credentials" -- the HEAD is never sent.
-* ctr with hosts.toml mirrors: no ``/v2/`` ping, ``?ns=<registry host>`` on every request. On a 401
-  ``Basic`` challenge without credentials it does not retry: it tries the next host (hosts.toml
-  ``server``, refused here) and reports the first host's error, "pulling from host 127.0.0.1:P
-  failed with status code [manifests 1]: 401 Unauthorized". With ``--user`` it answers the
-  challenge: each new manifest request goes out once without and once with Basic credentials;
-  blobs go with credentials straight away.
-* skopeo: ``GET /v2/``; against a Basic challenge without ``--src-creds`` it still sends
-  ``Authorization: Basic`` with an empty user (regproxy: anonymous).
+* dockerd, mirror pull: ``GET /v2/`` without ``Authorization`` -> 401 ``Bearer
+  realm="http://HOST/token",service="regproxy"``; then ``GET /token?scope=repository:library/
+  alpine:pull&service=regproxy`` -- anonymously when it is logged in to nothing, with its *Docker
+  Hub* login (Basic, ``account=hubuser``) when it has one; regproxy serves an unknown user asking
+  for scopes as anonymous. Everything after that carries ``Authorization: Bearer``. Before the
+  token service, a daemon without any login got a Basic challenge, logged "no basic auth
+  credentials" and abandoned the mirror for Docker Hub.
+* ``docker login HOST``: ``GET /v2/``, then ``GET /token?account=alice&client_id=docker&
+  offline_token=true&service=regproxy`` with Basic credentials (no scope); a 401 there fails the
+  login. ``docker pull HOST/corp/...`` then asks for a token with alice's credentials and the
+  scope. Logged out, its anonymous token lacks the scope: ``insufficient_scope``, nothing served.
+* ctr with hosts.toml mirrors: no ``/v2/`` ping, ``?ns=<registry host>`` on every request; on the
+  Bearer challenge it fetches a token (anonymous ``GET``, or with ``--user`` first the OAuth2
+  ``POST /token`` password grant) and retries; a token without the scope ends the pull with
+  "insufficient_scope".
+* skopeo / podman: ``GET /v2/``, then ``GET /token`` with the scope (Basic with ``--creds`` or
+  after ``podman login``, which itself asks for a token without a scope).
 """
 
 from __future__ import annotations
@@ -57,6 +56,7 @@ import pytest
 
 from tests.harness.clients import (
     Dockerd,
+    Podman,
     docker_cli,
     run,
     skopeo,
@@ -373,18 +373,40 @@ def test_ctr_mirrors_two_registry_hosts_by_ns(dockerd: Dockerd, env: Env, tmp_pa
     assert_came_from(env, "ghcr", ghcr_app)
     assert not [r.query for f in env.fronts.values() for r in f.requests if "ns=" in r.query]
 
-    # docker.io/org/app is not for anonymous clients: ctr gets the Basic challenge and, having
-    # no credentials, gives up (no retry, no Authorization sent); nothing reaches upstream
+    # docker.io/org/app is not for anonymous clients: ctr fetches an anonymous token, which
+    # lacks the scope, and gives up on insufficient_scope; nothing reaches upstream
     before = {n: len(f.requests) for n, f in env.fronts.items()}
     log = ProxyLog(env.proxy)
     denied = env.keep_run(
         dockerd.ctr_pull("docker.io/org/app:1", hosts, check=False, timeout=PULL_TIMEOUT)
     )
     assert denied.returncode != 0
-    assert "failed with status code [manifests 1]: 401 Unauthorized" in denied.stderr, denied
-    assert log.requests() == [("HEAD", "/v2/org/app/manifests/1?ns=docker.io", 401)]
+    assert "insufficient_scope" in denied.stderr, denied
+    answered = log.requests()
+    assert any(path.startswith("/token?") and status == 200 for _, path, status in answered)
+    pulls = [r for r in answered if r[1].startswith("/v2/")]
+    assert pulls and set(pulls) == {("HEAD", "/v2/org/app/manifests/1?ns=docker.io", 401)}
     assert {n: len(f.requests) for n, f in env.fronts.items()} == before
     assert "docker.io/org/app:1" not in ctr_image_digests(dockerd)
+
+    # a wrong password: the token service refuses it (POST, then GET with Basic), no pull
+    wrong = env.keep_run(
+        dockerd.ctr(
+            "images",
+            "pull",
+            "--hosts-dir",
+            str(hosts),
+            "--snapshotter",
+            "native",
+            "--user",
+            f"{ALICE[0]}:not-{ALICE[1]}",
+            "docker.io/org/app:1",
+            check=False,
+            timeout=PULL_TIMEOUT,
+        )
+    )
+    assert wrong.returncode != 0
+    assert {n: len(f.requests) for n, f in env.fronts.items()} == before
 
     # with --user ctr answers the challenge; same repository name, docker.io's content
     env.keep_run(
@@ -443,6 +465,9 @@ def test_skopeo_path_prefix_pulls_and_rules(env: Env, tmp_path: Path) -> None:
         got = {f.name for f in blob_dir.iterdir()} if blob_dir.exists() else set()
         assert not got & {d.removeprefix("sha256:") for d in digests_of(secret)}
 
+    wrong = skopeo_copy(env, "corp/team/secret:1", tmp_path / "wrong", (ALICE[0], "nope"))
+    assert wrong.returncode != 0
+    assert len(env.corp.requests) == corp_before
     skopeo_copy(env, "corp/team/secret:1", tmp_path / "alice", creds=ALICE).check_returncode()
     top, blobs = oci_layout(tmp_path / "alice")
     assert top == secret.digest
@@ -472,13 +497,83 @@ def test_docker_mirror_pulls_from_default_upstream(docker: Dockerd, env: Env) ->
     assert_came_from(env, "hub", alpine)
 
 
+def test_docker_mirror_pulls_anonymously_without_any_login(docker: Dockerd, env: Env) -> None:
+    """A daemon logged in to nothing (a CI runner): the Bearer challenge makes it fetch an
+    anonymous token, so the pull goes through regproxy; a fallback to Docker Hub would fail
+    (the offline guard), so success proves there was none."""
+    alpine = env.images["alpine"]
+    assert docker.base is not None
+    config = docker.base / "cli" / "config.json"
+    saved = config.read_text()
+    config.write_text('{"auths": {}}\n')
+    log = ProxyLog(env.proxy)
+    try:
+        result = env.keep_run(docker.pull("alpine:3", timeout=PULL_TIMEOUT))
+    finally:
+        config.write_text(saved)
+    assert pulled_digest(result) == alpine.digest
+    assert docker.image_id("alpine:3") == alpine.child(PLATFORM or "").config_digest
+    client = log.requests()
+    assert client[0] == ("GET", "/v2/", 401), client
+    tokens = [r for r in client if r[1].startswith("/token?")]
+    assert tokens and all(status == 200 for _, _, status in tokens), client
+    assert ("HEAD", "/v2/library/alpine/manifests/3", 200) in client
+    assert all(status == 200 for _, path, status in client if path != "/v2/"), client
+    assert "no basic auth credentials" not in docker.logs()
+    # a private image through the mirror: refused (insufficient scope), never served
+    corp_before = len(env.corp.requests)
+    config.write_text('{"auths": {}}\n')
+    try:
+        denied = env.keep_run(docker.pull("corp/team/secret:1", check=False, timeout=PULL_TIMEOUT))
+    finally:
+        config.write_text(saved)
+    assert denied.returncode != 0
+    assert len(env.corp.requests) == corp_before
+
+
+def test_podman_mirror_pulls_anonymously(env: Env) -> None:
+    """podman with regproxy as a registries.conf mirror and no login: anonymous token, pull
+    through regproxy (a fallback to docker.io would fail on the offline guard)."""
+    alpine = env.images["alpine"]
+    log = ProxyLog(env.proxy)
+    with Podman([env.proxy.url]) as p:
+        env.keep_run(p.pull("docker.io/library/alpine:3", timeout=PULL_TIMEOUT))
+        config = alpine.child(PLATFORM or "").config_digest
+        assert p.image_id("docker.io/library/alpine:3") == config.removeprefix("sha256:")
+    # (its HTTPS probe of the plain port is logged as a 400 for "/", whatever it parsed)
+    client = [r for r in log.requests() if r[1].startswith(("/v2/", "/token?"))]
+    assert ("GET", "/v2/", 401) in client
+    assert any(path.startswith("/token?") and status == 200 for _, path, status in client)
+    # 2xx: containers/image may resume a slow blob with a Range request (206)
+    refused = [r for r in client if r[1] != "/v2/" and not 200 <= r[2] < 300]
+    assert not refused, client
+
+
+def test_podman_login_and_pull_of_private_image(env: Env) -> None:
+    secret = env.images["secret"]
+    ref = f"{env.proxy.host}/corp/team/secret:1"
+    with Podman() as p:
+        login = ["login", "--tls-verify=false", env.proxy.host, "-u", ALICE[0]]
+        wrong = env.keep_run(p.podman(*login, "-p", "not-" + ALICE[1], check=False, timeout=60))
+        assert wrong.returncode != 0, wrong
+        assert re.search(r"401|unauthorized|invalid", wrong.stderr, re.I), wrong.stderr
+        anonymous = env.keep_run(p.pull(ref, tls_verify=False, check=False, timeout=PULL_TIMEOUT))
+        assert anonymous.returncode != 0
+        assert not p.image_ids()
+
+        env.keep_run(p.podman(*login, "-p", ALICE[1], timeout=60))
+        env.keep_run(p.pull(ref, tls_verify=False, timeout=PULL_TIMEOUT))
+        assert p.image_id(ref) == secret.child(PLATFORM or "").config_digest.removeprefix("sha256:")
+        assert_came_from(env, "corp", secret)
+
+
 def test_docker_login_and_direct_pull_of_private_image(docker: Dockerd, env: Env) -> None:
     secret = env.images["secret"]
     ref = f"{env.proxy.host}/corp/team/secret:1"
     try:
         wrong = docker_login(env, docker, (ALICE[0], "not-" + ALICE[1]))
         assert wrong.returncode != 0
-        assert "401 Unauthorized" in wrong.stderr, wrong.stderr
+        assert re.search(r"401|unauthorized", wrong.stderr, re.I), wrong.stderr
         assert env.proxy.host not in cli_auths(docker)
 
         ok = docker_login(env, docker, ALICE)
@@ -491,17 +586,16 @@ def test_docker_login_and_direct_pull_of_private_image(docker: Dockerd, env: Env
         assert docker.repo_digests(ref) == [f"{env.proxy.host}/corp/team/secret@{secret.digest}"]
         assert_came_from(env, "corp", secret)
 
-        # logged out: dockerd has no credentials for the challenge and gives up
+        # logged out: dockerd's anonymous token lacks the scope; refused, nothing revealed
         docker_logout(env, docker)
         docker.rmi_all()
         corp_before = len(env.corp.requests)
         log = ProxyLog(env.proxy)
         anonymous = env.keep_run(docker.pull(ref, check=False, timeout=PULL_TIMEOUT))
         assert anonymous.returncode != 0
-        # dockerd 20.10: 'Head ".../manifests/1": no basic auth credentials'
-        assert re.search(r"no basic auth credentials|unauthorized|denied", anonymous.stderr, re.I)
+        assert re.search(r"unauthorized|denied|insufficient_scope", anonymous.stderr, re.I)
         # (its HTTPS probe of the plain port is the one 400, logged as method UNKNOWN)
-        answered = [r for r in log.requests() if r[0] != "UNKNOWN"]
+        answered = [r for r in log.requests() if r[0] != "UNKNOWN" and r[1].startswith("/v2/")]
         assert answered and all(status in (401, 403) for _, _, status in answered), answered
 
         # bob is logged in but not allowed: DENIED, not a challenge
@@ -592,9 +686,13 @@ def test_credentials_never_leak(env: Env, tmp_path: Path) -> None:
             docker_logout(env, d, host=spy.host)
     finally:
         spy.stop()
-    sent = {r.headers.get("Authorization") for r in spy.requests}
-    assert f"Basic {b64(':'.join(HUB_LOGIN))}" in sent, "dockerd never sent its Hub login"
-    assert f"Basic {b64(':'.join(ALICE))}" in sent
+    # The realm named regproxy's own address (the spy does not forward Host), so dockerd took
+    # its token requests there directly: with its Hub login (account=hubuser), then alice's.
+    sent = {r.headers.get("Authorization", "").partition(" ")[0] for r in spy.requests}
+    assert "Bearer" in sent, sent
+    tokens = [line for line in env.proxy.logs().splitlines() if "path=/token?" in line]
+    assert [t for t in tokens if f"account={HUB_LOGIN[0]}" in t], "dockerd never sent its Hub login"
+    assert [t for t in tokens if f"account={ALICE[0]}" in t and "status=200" in t]
 
     # more answers that could echo something: errors, metrics, inspect
     request(env, "/v2/corp/team/secret/manifests/1", creds=(ALICE[0], "wrong"))

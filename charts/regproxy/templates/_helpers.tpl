@@ -190,6 +190,24 @@ cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence
 {{- $_ := set $cfg "redis" (dict "url" $v.redis.url) }}
 {{- end }}
 {{- with $v.platforms }}{{ $_ := set $cfg "platforms" . }}{{ end }}
+{{- $a := $v.auth | default dict }}
+{{- $htpasswd := ($a.htpasswd | default dict).existingSecret }}
+{{- if or $a.rules $htpasswd }}
+{{- $auth := dict }}
+{{- with $a.rules }}{{ $_ := set $auth "rules" . }}{{ end }}
+{{- if $htpasswd }}
+{{- $_ := set $auth "htpasswd" (printf "%s/htpasswd/htpasswd" (include "regproxy.secretsDir" .)) }}
+{{- end }}
+{{- $t := $a.token | default dict }}
+{{- $token := dict }}
+{{- if $t.existingSecret }}
+{{- $_ := set $token "signing_key_file" (printf "%s/token/signing-key" (include "regproxy.secretsDir" .)) }}
+{{- end }}
+{{- with $t.realm }}{{ $_ := set $token "realm" . }}{{ end }}
+{{- with $t.expiresIn }}{{ $_ := set $token "expires_in" . }}{{ end }}
+{{- if $token }}{{ $_ := set $auth "token" $token }}{{ end }}
+{{- $_ := set $cfg "auth" $auth }}
+{{- end }}
 {{- with $v.sync }}{{ $_ := set $cfg "sync" . }}{{ end }}
 {{- with $v.syncRatelimitFloor }}{{ $_ := set $cfg "sync_ratelimit_floor" (toString .) }}{{ end }}
 {{- toYaml (mergeOverwrite $cfg (deepCopy $v.extraConfig)) }}
