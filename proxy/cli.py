@@ -8,14 +8,16 @@ import json
 import logging
 import ssl
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy import commands
 from proxy.commands import DEFAULT_PROXY
 from proxy.config import DOCKER_HUB_URL, Config, ConfigError, load_config
 from proxy.errors import RegistryError, StorageError
-from storage import ContentStore, create_store, maintenance
+from storage import ContentStore, WorkSettings, create_store, maintenance
 
 log = logging.getLogger("proxy")
 T = TypeVar("T")
@@ -305,15 +307,19 @@ def _storage_config(args: argparse.Namespace) -> Config:
 def _with_store(config: Config, work: Callable[[ContentStore], Awaitable[T]]) -> T:
     """Open the configured store, run ``work`` on it, close it."""
 
-    async def run() -> T:
-        store = create_store(config.storage, config.s3, config.work)
+    async def run(work_settings: WorkSettings) -> T:
+        store = create_store(config.storage, config.s3, work_settings)
         await store.open()
         try:
             return await work(store)
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    if config.s3 is not None and config.work == WorkSettings():
+        # No --work-dir: the command needs a place for its own temp files, not ./regproxy-work.
+        with tempfile.TemporaryDirectory(prefix="regproxy-admin-") as tmp:
+            return asyncio.run(run(WorkSettings(Path(tmp), config.work.max_size)))
+    return asyncio.run(run(config.work))
 
 
 def _print(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:

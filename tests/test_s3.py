@@ -430,3 +430,63 @@ async def test_eviction_bounds_the_bucket_and_stats_read_it(
     )
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["used_bytes"] == stored()
+
+
+def run_admin(seaweed: SeaweedS3, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **seaweed.env()},
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+
+
+async def test_purge_and_gc_on_s3(
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    tmp_path: Path,
+) -> None:
+    keep = seed_image(registry, "library/keep", "1", platforms=("linux/amd64",), single=True)
+    drop = seed_image(registry, "library/drop", "1", platforms=("linux/amd64",), single=True)
+    upstream = front(registry)
+    bucket = seaweed.bucket()
+    work = tmp_path / "w"
+    proxy = s3_proxy(proxy_factory, seaweed, bucket, upstream.url, work)
+    await pull(proxy, keep)
+    await pull(proxy, drop)
+    await stored(seaweed, bucket, *keep.blobs, *drop.blobs)
+    proxy.stop()
+    storage = f"s3://{bucket}/cache"
+    purged = run_admin(seaweed, "cache", "purge", "drop:1", "--storage", storage, "--json")
+    assert purged.returncode == 0, purged.stderr
+    assert json.loads(purged.stdout)["tags"] == 1
+    keys = seaweed.keys(bucket, "cache/")
+    assert all(blob_key(d) not in keys for d in drop.blobs)
+    assert all(blob_key(d) in keys for d in keep.blobs)
+    assert not list(Path.cwd().glob("regproxy-work"))  # admin commands leave no work dir behind
+    # a dead replica's upload, recorded in its work dir, is aborted by gc on that work dir
+    upload = seaweed.client().create_multipart_upload(
+        Bucket=bucket, Key=blob_key("sha256:" + "e" * 64)
+    )
+    dead = work / "tmp" / "deadbeef0000"
+    dead.mkdir(parents=True)
+    (dead / ".lock").touch()
+    (dead / "eeee-1.upload").write_text(
+        json.dumps({"key": "blobs/sha256/ee/" + "e" * 64, "upload_id": upload["UploadId"]})
+    )
+    (dead / "eeee-1").write_bytes(b"x" * 1000)
+    assert seaweed.uploads(bucket)
+    collected = run_admin(seaweed, "gc", "--storage", storage, "--work-dir", str(work), "--json")
+    assert collected.returncode == 0, collected.stderr
+    assert json.loads(collected.stdout)["details"].get("temp") == 1
+    assert seaweed.uploads(bucket) == []
+    assert not dead.exists()
+    # the proxy serves what is left without asking upstream
+    proxy.start()
+    upstream.reset()
+    await pull(proxy, keep)
+    assert upstream.count() == 0
