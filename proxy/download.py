@@ -279,7 +279,7 @@ class Downloads:
                 )
         await self._commit(dl)
         log.debug("blob cached digest=%s size=%d", dl.digest, dl.written)
-        self.store.committed(dl.written)
+        self.store.committed(dl.digest, dl.written)
 
     def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
         """Check the response against what we have; return how many leading bytes to skip."""

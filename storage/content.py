@@ -78,8 +78,8 @@ class ContentStore:
         self.driver = driver
         self.name = driver.name
         self.instance = driver.instance
-        #: Called with the size of every committed blob or manifest (size accounting).
-        self.on_commit: Callable[[int], None] | None = None
+        #: Called with (digest, size) of every committed blob or manifest (size accounting).
+        self.on_commit: Callable[[str, int], None] | None = None
         #: Called with the operation of every storage error (metrics).
         self.on_error: Callable[[str], None] | None = None
         #: Called with (kind, digest) of every blob or manifest read (LRU recency).
@@ -167,9 +167,9 @@ class ContentStore:
         except StorageError as exc:
             raise self.failed(exc) from exc
 
-    def committed(self, size: int) -> None:
+    def committed(self, digest: str, size: int) -> None:
         if self.on_commit is not None:
-            self.on_commit(size)
+            self.on_commit(digest, size)
 
     def accessed(self, kind: str, digest: str) -> None:
         """A blob or manifest was served: recency for eviction."""
@@ -221,7 +221,7 @@ class ContentStore:
         except StorageError as exc:
             raise self.failed(exc) from exc
         self._manifests[digest] = (data, media_type)
-        self.committed(len(data))
+        self.committed(digest, len(data))
 
     async def delete_manifest(self, digest: str) -> bool:
         self._manifests.pop(digest, None)

@@ -105,6 +105,9 @@ class CacheManager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        #: Recent commits (digest -> (time, size)): a listing made meanwhile, or an object
+        #: store's listing that lags behind its writes, may not show them yet.
+        self._recent: dict[str, tuple[float, int]] = {}
         store.on_commit = self.added
         store.on_access = self.touch
 
@@ -141,8 +144,9 @@ class CacheManager:
     def _over_high(self) -> bool:
         return self.limit is not None and self.used > self.limit * self.config.high_watermark
 
-    def added(self, size: int) -> None:
+    def added(self, digest: str, size: int) -> None:
         """A blob or manifest of ``size`` bytes was committed."""
+        self._recent[digest] = (time.time(), size)
         self._set_used(self.used + size)
         if self._over_high():
             self._wake.set()
@@ -185,7 +189,11 @@ class CacheManager:
             protected = await pinned_digests(self.store, self.config.pin)
             protected |= {d for d, n in self.in_use.items() if n > 0}
             report = await self._evict(files, shared, protected)
-        self._set_used(report.used_after)
+            unlisted = self._unlisted(files)
+            self._set_used(report.used_after + unlisted)
+        if unlisted and self._over_high():
+            # content the listing did not show yet: look again soon (not in a tight loop)
+            asyncio.get_running_loop().call_later(1.0, self._wake.set)
         if report.freed:
             log.info(
                 "evicted files=%d freed=%d used=%d limit=%s",
@@ -195,6 +203,13 @@ class CacheManager:
                 self.limit,
             )
         return report
+
+    def _unlisted(self, files: list[Content]) -> int:
+        """Bytes committed in the last two minutes that the listing does not show."""
+        listed = {f.digest for f in files}
+        cutoff = time.time() - 120
+        self._recent = {d: v for d, v in self._recent.items() if v[0] >= cutoff}
+        return sum(size for d, (_, size) in self._recent.items() if d not in listed)
 
     async def _evict(
         self, files: list[Content], shared: dict[str, float], protected: set[str]

@@ -398,8 +398,14 @@ async def test_eviction_bounds_the_bucket_and_stats_read_it(
 
     for image in images:
         await pull(proxy, image)
+    # clients get their last byte before the upload completes: wait for the uploads to land
+    # (and no download to run), then for eviction to bring the bucket under the limit
     deadline = time.monotonic() + 30
-    while stored() > limit and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the bucket
+    while time.monotonic() < deadline:
+        metrics = (await fetch(f"{proxy.url}/metrics"))[2].decode()
+        idle = "regproxy_inflight_downloads 0.0" in metrics and not seaweed.uploads(bucket)
+        if idle and stored() <= limit:
+            break
         await asyncio.sleep(0.5)
     assert 0 < stored() <= limit
     metrics = (await fetch(f"{proxy.url}/metrics"))[2].decode()
