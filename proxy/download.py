@@ -21,7 +21,9 @@ expires after 30 s without refresh, and the next request fetches it afresh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -39,6 +41,7 @@ from proxy.upstream import Upstream
 from storage.base import BlobWriter
 from storage.content import ContentStore
 from storage.errors import DigestMismatch
+from storage.writer import SpoolWriter
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+#: Bytes read ahead while the previous batch is hashed and written in a worker thread; reading
+#: waits when this much is queued (so memory stays flat however fast upstream is).
+BATCH_MAX = 4 * 1024 * 1024
 #: Upstream reconnects (with ``Range``) in a row that bring no new byte before giving up.
 MAX_RESUMES = 5
 #: The header that carries the fleet's shared secret on peer requests.
@@ -201,16 +207,6 @@ class Downloads:
             if self.running.get(dl.digest) is dl:
                 del self.running[dl.digest]
 
-    async def _write(self, dl: Download, chunk: bytes) -> None:
-        if dl.size is not None and dl.written + len(chunk) > dl.size:
-            raise UpstreamContentError(
-                f"{dl.source} sent more bytes than announced", upstream=dl.upstream.name
-            )
-        assert dl.writer is not None
-        await dl.writer.write(chunk)
-        dl.written += len(chunk)
-        dl.notify()
-
     async def _commit(self, dl: Download) -> None:
         assert dl.writer is not None
         try:
@@ -235,15 +231,32 @@ class Downloads:
                     "GET", path, scope=scope, headers=headers, expect=(200, 206)
                 ) as resp:
                     skip = self._start_or_resume(dl, resp)
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        if skip:
-                            cut = min(skip, len(chunk))
-                            chunk, skip = chunk[cut:], skip - cut
-                            if not chunk:
-                                continue
-                        await self._write(dl, chunk)
-                        if self.metrics is not None:
-                            self.metrics.upstream_bytes.labels(upstream.name).inc(len(chunk))
+                    counter = (
+                        None
+                        if self.metrics is None
+                        else self.metrics.upstream_bytes.labels(upstream.name)
+                    )
+                    spool = _Spool(dl)
+                    try:
+                        async for chunk in _chunks(resp.content):
+                            if skip:
+                                cut = min(skip, len(chunk))
+                                chunk, skip = chunk[cut:], skip - cut
+                                if not chunk:
+                                    continue
+                            await spool.add(chunk)
+                            if counter is not None:
+                                counter.inc(len(chunk))
+                        await spool.flush()
+                    except (
+                        TimeoutError,
+                        aiohttp.ClientPayloadError,
+                        aiohttp.ClientConnectionError,
+                    ):
+                        await spool.flush()  # what did arrive is good: resume after it
+                        raise
+                    finally:
+                        await spool.discard()
                 if dl.size is None or dl.written >= dl.size:
                     break
                 raise UpstreamUnreachable("connection ended early", upstream=upstream.name)
@@ -315,8 +328,13 @@ class Downloads:
         if writer is None:
             raise StorageError("blob is neither local nor remote", op="read")
         dl.begin(writer, size)
-        async for chunk in stream:
-            await self._write(dl, chunk)
+        spool = _Spool(dl)
+        try:
+            async for chunk in stream:
+                await spool.add(chunk)
+            await spool.flush()
+        finally:
+            await spool.discard()
         try:
             await self._commit(dl)
         except UpstreamContentError:
@@ -426,8 +444,88 @@ class Downloads:
                 raise UpstreamStatus("peer refused", upstream=dl.upstream.name, status=resp.status)
             writer = self.store.tier_writer(dl.digest) or self.store.blob_writer(dl.digest)
             dl.begin(writer, resp.content_length)
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                await self._write(dl, chunk)
+            spool = _Spool(dl)
+            try:
+                async for chunk in _chunks(resp.content):
+                    await spool.add(chunk)
+                await spool.flush()
+            finally:
+                await spool.discard()
         if dl.size is not None and dl.written != dl.size:
             raise UpstreamUnreachable("peer stream ended early", upstream=dl.upstream.name)
         await self._commit(dl)
+
+
+async def _chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrived from the socket: no joining copy, no fixed size."""
+    while True:
+        chunk, _ = await stream.readchunk()
+        if chunk:
+            yield chunk
+        elif stream.at_eof():
+            return
+
+
+class _Spool:
+    """Feeds a download's writer: one batch is hashed and written in a worker thread while the
+    next one is read, and followers are woken once per batch rather than once per chunk.
+
+    ``dl.written`` (what followers may send) advances only when a batch is in the file.
+    """
+
+    def __init__(self, dl: Download) -> None:
+        assert dl.writer is not None
+        self.dl = dl
+        self.writer = dl.writer
+        self.batch: list[bytes] = []
+        self.queued = 0
+        self.task: asyncio.Task[None] | None = None
+        self.in_flight = 0
+
+    async def add(self, chunk: bytes) -> None:
+        dl = self.dl
+        if dl.size is not None and dl.written + self.in_flight + self.queued + len(chunk) > dl.size:
+            raise UpstreamContentError(
+                f"{dl.source} sent more bytes than announced", upstream=dl.upstream.name
+            )
+        self.batch.append(chunk)
+        self.queued += len(chunk)
+        if self.task is not None:
+            if not self.task.done() and self.queued < BATCH_MAX:
+                return  # keep reading while the thread works
+            await self._land()
+        self._start()
+
+    async def flush(self) -> None:
+        """Wait until everything added is in the file (and counted in ``dl.written``)."""
+        if self.task is not None:
+            await self._land()
+        if self.batch:
+            self._start()
+            await self._land()
+
+    async def discard(self) -> None:
+        """Stop a batch still in flight (after a failure); its bytes never count."""
+        task, self.task = self.task, None
+        self.batch, self.queued = [], 0
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _start(self) -> None:
+        batch, self.batch = self.batch, []
+        self.in_flight, self.queued = self.queued, 0
+        writer = self.writer
+        if isinstance(writer, SpoolWriter):
+            self.task = asyncio.ensure_future(writer.write_chunks(batch))
+        else:
+            self.task = asyncio.ensure_future(writer.write(b"".join(batch)))
+
+    async def _land(self) -> None:
+        task, self.task = self.task, None
+        assert task is not None
+        await task
+        self.dl.written += self.in_flight
+        self.in_flight = 0
+        self.dl.notify()

@@ -3,21 +3,39 @@
 Bytes are appended to a spool file in the process's own temp directory (which readers may follow
 while it grows) and hashed as they go; ``commit`` verifies size and digest before the backend's
 ``_publish`` makes the object visible, and every failure path ends in ``cancel``.
+
+Appending is split in two so that the costly part runs off the event loop:
+:meth:`SpoolWriter.append` (``os.write`` and the hash update, both of which release the GIL on
+large buffers) is plain blocking code that one worker thread at a time may call, and
+:meth:`SpoolWriter.appended` records the new size on the event loop (where the S3 writer starts its
+part uploads). ``write`` does both, the first in a thread when the data is large enough to be worth
+the hop. The fd is closed only under the lock an append holds, so the append of a cancelled write
+can never land in a file that reused the descriptor.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno as errno_mod
 import hashlib
 import logging
 import os
+import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from storage.errors import DigestMismatch, StorageError
 
 log = logging.getLogger(__name__)
+
+#: Writes at least this large are hashed and written in a worker thread; smaller ones inline
+#: (a thread hop costs more than hashing a few KiB).
+OFFLOAD_MIN = 64 * 1024
+#: The threads that hash and write spools (shared by every writer of the process).
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="regproxy-spool")
 
 
 def os_error(message: str, path: object, exc: OSError, op: str) -> StorageError:
@@ -38,23 +56,45 @@ class SpoolWriter:
         self.size = 0
         self._hash = hashlib.new(algorithm)
         self._state = "open"  # open -> committed | cancelled
+        #: Held while a thread appends: the fd is closed only when no append runs.
+        self._appending = threading.Lock()
         try:
             self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             raise os_error("cannot create temp file", self.path, exc, "write") from exc
 
     async def write(self, data: bytes) -> None:
-        if self._fd is None:
-            raise StorageError("write after commit or cancel", path=str(self.path), op="write")
-        view = memoryview(data)
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except OSError as exc:
-            raise os_error("cannot write temp file", self.path, exc, "write") from exc
-        self._hash.update(data)
-        before, self.size = self.size, self.size + len(data)
+        await self.write_chunks((data,))
+
+    async def write_chunks(self, chunks: Sequence[bytes]) -> None:
+        """Append ``chunks`` in order (one thread hop for all of them, no joining copy)."""
+        total = sum(len(c) for c in chunks)
+        if total >= OFFLOAD_MIN:
+            await asyncio.wrap_future(_POOL.submit(self.append, chunks))
+        else:
+            self.append(chunks)
+        await self.appended(total)
+
+    def append(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Write and hash ``chunks`` (blocking; from one thread at a time). Follow with
+        :meth:`appended` on the event loop before the bytes count as written."""
+        with self._appending:
+            fd = self._fd
+            if fd is None:
+                raise StorageError("write after commit or cancel", path=str(self.path), op="write")
+            try:
+                for data in chunks:
+                    view = memoryview(data)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                    self._hash.update(data)
+            except OSError as exc:
+                raise os_error("cannot write temp file", self.path, exc, "write") from exc
+
+    async def appended(self, count: int) -> None:
+        """``count`` more bytes were appended (by :meth:`append`): they are readable now."""
+        before, self.size = self.size, self.size + count
         await self._written(before)
 
     async def commit(self, expected_digest: str, expected_size: int | None = None) -> None:
@@ -89,10 +129,11 @@ class SpoolWriter:
             await self._discard()
 
     def _close_fd(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+        with self._appending:  # waits for an append still running in a thread
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
 
     # -- hooks ---------------------------------------------------------------------------------
 
