@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from proxy import rawbody
 from proxy.errors import (
     StorageError,
     UpstreamContentError,
@@ -231,32 +232,7 @@ class Downloads:
                     "GET", path, scope=scope, headers=headers, expect=(200, 206)
                 ) as resp:
                     skip = self._start_or_resume(dl, resp)
-                    counter = (
-                        None
-                        if self.metrics is None
-                        else self.metrics.upstream_bytes.labels(upstream.name)
-                    )
-                    spool = _Spool(dl)
-                    try:
-                        async for chunk in _chunks(resp.content):
-                            if skip:
-                                cut = min(skip, len(chunk))
-                                chunk, skip = chunk[cut:], skip - cut
-                                if not chunk:
-                                    continue
-                            await spool.add(chunk)
-                            if counter is not None:
-                                counter.inc(len(chunk))
-                        await spool.flush()
-                    except (
-                        TimeoutError,
-                        aiohttp.ClientPayloadError,
-                        aiohttp.ClientConnectionError,
-                    ):
-                        await spool.flush()  # what did arrive is good: resume after it
-                        raise
-                    finally:
-                        await spool.discard()
+                    await self._read_body(dl, resp, skip)
                 if dl.size is None or dl.written >= dl.size:
                     break
                 raise UpstreamUnreachable("connection ended early", upstream=upstream.name)
@@ -283,6 +259,59 @@ class Downloads:
         await self._commit(dl)
         log.debug("blob cached digest=%s size=%d", dl.digest, dl.written)
         self.store.committed(dl.written)
+
+    async def _read_body(self, dl: Download, resp: aiohttp.ClientResponse, skip: int) -> None:
+        """Append the response's body (but its first ``skip`` bytes) to the download."""
+        upstream = dl.upstream
+        counter = (
+            None if self.metrics is None else self.metrics.upstream_bytes.labels(upstream.name)
+        )
+
+        def count(n: int) -> None:
+            dl.written += n
+            dl.notify()
+            if counter is not None:
+                counter.inc(n)
+
+        taken = rawbody.take(resp) if not skip and isinstance(dl.writer, SpoolWriter) else None
+        if taken is not None:
+            assert isinstance(dl.writer, SpoolWriter)
+            copy = rawbody.BodyCopy(taken, dl.writer, count, upstream.config.read_timeout)
+            if (
+                dl.size is not None
+                and dl.written + taken.remaining + sum(len(c) for c in taken.buffered) > dl.size
+            ):
+                copy.close()
+                raise UpstreamContentError(
+                    "upstream sent more bytes than announced", upstream=upstream.name
+                )
+            try:
+                await copy.run()
+            except OSError as exc:  # cut short, reset, silent for read_timeout (TimeoutError)
+                raise UpstreamUnreachable(
+                    f"blob body read failed: {type(exc).__name__}", upstream=upstream.name
+                ) from exc
+            finally:
+                copy.close()
+                resp.close()  # aiohttp's parser did not see the body: never reuse it
+            return
+        spool = _Spool(dl)
+        try:
+            async for chunk in _chunks(resp.content):
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                    if not chunk:
+                        continue
+                await spool.add(chunk)
+                if counter is not None:
+                    counter.inc(len(chunk))
+            await spool.flush()
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            await spool.flush()  # what did arrive is good: resume after it
+            raise
+        finally:
+            await spool.discard()
 
     def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
         """Check the response against what we have; return how many leading bytes to skip."""
@@ -457,9 +486,18 @@ class Downloads:
 
 
 async def _chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The body's bytes as they arrived from the socket: no joining copy, no fixed size."""
+    """The body's bytes as they arrived from the socket: no joining copy, no fixed size.
+
+    When the connection broke, the bytes that came before the break are yielded before the
+    error is raised (a resume starts after them).
+    """
     while True:
-        chunk, _ = await stream.readchunk()
+        try:
+            chunk, _ = await stream.readchunk()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            for chunk in rawbody.drain(stream):
+                yield chunk
+            raise
         if chunk:
             yield chunk
         elif stream.at_eof():

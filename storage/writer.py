@@ -58,6 +58,9 @@ class SpoolWriter:
         self._state = "open"  # open -> committed | cancelled
         #: Held while a thread appends: the fd is closed only when no append runs.
         self._appending = threading.Lock()
+        # Bytes written for hashing later, and those hashed since (one writer thread each).
+        self._unhashed_in = 0
+        self._unhashed_out = 0
         try:
             self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
@@ -75,9 +78,14 @@ class SpoolWriter:
             self.append(chunks)
         await self.appended(total)
 
-    def append(self, chunks: Sequence[bytes | memoryview]) -> None:
+    def append(self, chunks: Sequence[bytes | memoryview], *, hash_later: bool = False) -> None:
         """Write and hash ``chunks`` (blocking; from one thread at a time). Follow with
-        :meth:`appended` on the event loop before the bytes count as written."""
+        :meth:`appended` on the event loop before the bytes count as written.
+
+        ``hash_later``: write only; the same bytes must then be passed to :meth:`hash` in the
+        same order (another thread may do it meanwhile). ``commit`` refuses while any byte
+        written is not hashed.
+        """
         with self._appending:
             fd = self._fd
             if fd is None:
@@ -88,9 +96,18 @@ class SpoolWriter:
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                    self._hash.update(data)
+                    if hash_later:
+                        self._unhashed_in += len(data)
+                    else:
+                        self._hash.update(data)
             except OSError as exc:
                 raise os_error("cannot write temp file", self.path, exc, "write") from exc
+
+    def hash(self, data: bytes | memoryview) -> None:
+        """Hash bytes written with ``append(..., hash_later=True)``, in order (blocking; one
+        thread at a time, which may run alongside the appending one)."""
+        self._hash.update(data)
+        self._unhashed_out += len(data)
 
     async def appended(self, count: int) -> None:
         """``count`` more bytes were appended (by :meth:`append`): they are readable now."""
@@ -102,7 +119,9 @@ class SpoolWriter:
             raise StorageError("commit after commit or cancel", path=str(self.path), op="write")
         actual = f"{self.algorithm}:{self._hash.hexdigest()}"
         problem = None
-        if expected_size is not None and self.size != expected_size:
+        if self._unhashed_in != self._unhashed_out:
+            problem = f"{self._unhashed_in - self._unhashed_out} bytes written but not hashed"
+        elif expected_size is not None and self.size != expected_size:
             problem = f"size mismatch: expected {expected_size}, got {self.size}"
         elif actual != expected_digest:
             problem = f"digest mismatch: expected {expected_digest}, got {actual}"
