@@ -30,6 +30,13 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "stream_cpu": ("distribution", "regproxy"),
     "stream_speed": ("distribution", "regproxy"),
     "stream_rss_large": ("distribution", "regproxy"),
+    # bench/cold.py (issue #13)
+    "cold_many": ("distribution", "regproxy"),
+    "cold_many_cpu": ("distribution", "regproxy"),
+    "tls_stream_speed": ("distribution", "regproxy"),
+    "tls_stream_cpu": ("distribution", "regproxy"),
+    "tls_many": ("distribution", "regproxy"),
+    "tls_many_cpu": ("distribution", "regproxy"),
 }
 
 TARGETS = {
@@ -42,6 +49,12 @@ TARGETS = {
     "concurrent_pull_upstream",
     "stream_rss",
     "stream_rss_large",
+    # bench/cold.py (issue #13)
+    "stream_speed",
+    "stream_cpu",
+    "cold_many",
+    "tls_stream_speed",
+    "tls_many",
 }
 
 
