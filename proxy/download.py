@@ -285,6 +285,7 @@ class Downloads:
                 raise UpstreamContentError(
                     "upstream sent more bytes than announced", upstream=upstream.name
                 )
+            took_socket = taken.fd != -1
             try:
                 await copy.run()
             except OSError as exc:  # cut short, reset, silent for read_timeout (TimeoutError)
@@ -293,7 +294,8 @@ class Downloads:
                 ) from exc
             finally:
                 copy.close()
-                resp.close()  # aiohttp's parser did not see the body: never reuse it
+                if took_socket:
+                    resp.close()  # aiohttp's parser did not see the body: never reuse it
             return
         spool = _Spool(dl)
         try:

@@ -1,22 +1,24 @@
 """A plain-HTTP upstream body read straight from the socket by a worker thread, into the spool.
 
-On a cold blob from a plain-HTTP upstream (a registry or another regproxy in the same cluster)
-the proxy's own work is all there is, and aiohttp's way costs most of it: every ~250 KB the event
-loop runs the HTTP parser, which copies the body into a new ``bytes``, feeds a stream reader, and
-wakes the download task. Once the headers are parsed, the body of a ``Content-Length`` response is
+On a cold blob from a plain-HTTP upstream (a registry or another regproxy in the same cluster) the
+proxy's own work is all there is, and aiohttp's way costs most of it: every ~250 KB the event loop
+runs the HTTP parser, which copies the body into a new ``bytes``, feeds a stream reader, and wakes
+the download task. Once the headers are parsed, the body of a ``Content-Length`` response is
 nothing but bytes on the socket, so :func:`take` hands them to a thread that ``readv``\\s them into
-one reused 1 MiB buffer, hashes and appends it to the spool (:meth:`SpoolWriter.append`; the
-three release the GIL), and reports each filled buffer to the event loop, which only counts the
-bytes (and wakes followers). Memory stays one buffer per download.
+reused 1 MiB buffers (four per download) and appends each to the spool, while a second thread
+hashes the filled buffers behind it (``SpoolWriter.append(..., hash_later=True)`` and
+``SpoolWriter.hash``; all three release the GIL). The event loop only counts the bytes that are in
+the file (one wake-up at a time) and wakes followers. Memory stays four buffers per download.
 
-When it is used: plain TCP (TLS decrypts in user space, in the transport), a ``Content-Length``,
-no transfer or content coding, and a free worker. Otherwise the caller reads through aiohttp.
+When it is used: plain TCP (TLS decrypts in user space, in the transport), a ``Content-Length``
+of at least ``MIN_BODY`` still to come, no transfer or content coding, and a free worker.
+Otherwise the caller reads through aiohttp.
 
 The connection is closed afterwards, never reused: aiohttp's parser still believes the body is
-unread. A connection that ends early raises :class:`ConnectionResetError` (the caller resumes
-with ``Range`` from the last byte counted); silence for ``read_timeout`` raises
-:class:`TimeoutError`. Nothing here decides what is committed: the writer still verifies size and
-digest.
+unread (so small bodies, whose connections are worth keeping warm, are left to aiohttp). A
+connection that ends early raises :class:`ConnectionResetError` (the caller resumes with ``Range``
+from the last byte counted); silence for ``read_timeout`` raises :class:`TimeoutError`. Nothing
+here decides what is committed: the writer still verifies size and digest.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from storage.writer import SpoolWriter
 #: one while the hash thread works through those it filled before.
 BUFFER = 1024 * 1024
 BUFFERS = 4
+#: Smaller bodies are read through aiohttp: their connection goes back to the pool (a taken
+#: one is closed), which is worth more than the thread for a few MiB.
+MIN_BODY = 4 * 1024 * 1024
 #: Downloads read this way at once; more fall back to aiohttp's reader (each holds a thread).
 MAX_THREADS = 32
 #: A partly filled buffer is appended when the socket runs dry only once it holds this much (or
@@ -84,9 +89,9 @@ def take(resp: aiohttp.ClientResponse) -> Taken | None:
     ):
         return None
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
     stream = resp.content
+    if sock is None or length - stream.total_bytes < MIN_BODY:
+        return None
     buffered = drain(stream)
     remaining = length - stream.total_bytes
     if stream.exception() is not None:
