@@ -21,7 +21,6 @@ expires after 30 s without refresh, and the next request fetches it afresh.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -277,16 +276,12 @@ class Downloads:
         if taken is not None:
             assert isinstance(dl.writer, SpoolWriter)
             copy = rawbody.BodyCopy(taken, dl.writer, count, upstream.config.read_timeout)
-            if (
-                dl.size is not None
-                and dl.written + taken.remaining + sum(len(c) for c in taken.buffered) > dl.size
-            ):
-                copy.close()
-                raise UpstreamContentError(
-                    "upstream sent more bytes than announced", upstream=upstream.name
-                )
             took_socket = taken.fd != -1
             try:
+                if dl.size is not None and dl.written + taken.size > dl.size:
+                    raise UpstreamContentError(
+                        "upstream sent more bytes than announced", upstream=upstream.name
+                    )
                 await copy.run()
             except OSError as exc:  # cut short, reset, silent for read_timeout (TimeoutError)
                 raise UpstreamUnreachable(
@@ -313,7 +308,7 @@ class Downloads:
             await spool.flush()  # what did arrive is good: resume after it
             raise
         finally:
-            await spool.discard()
+            spool.discard()
 
     def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
         """Check the response against what we have; return how many leading bytes to skip."""
@@ -365,7 +360,7 @@ class Downloads:
                 await spool.add(chunk)
             await spool.flush()
         finally:
-            await spool.discard()
+            spool.discard()
         try:
             await self._commit(dl)
         except UpstreamContentError:
@@ -481,7 +476,7 @@ class Downloads:
                     await spool.add(chunk)
                 await spool.flush()
             finally:
-                await spool.discard()
+                spool.discard()
         if dl.size is not None and dl.written != dl.size:
             raise UpstreamUnreachable("peer stream ended early", upstream=dl.upstream.name)
         await self._commit(dl)
@@ -504,6 +499,11 @@ async def _chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             yield chunk
         elif stream.at_eof():
             return
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # a discarded batch's failure is not news: the download failed first
 
 
 class _Spool:
@@ -544,14 +544,14 @@ class _Spool:
             self._start()
             await self._land()
 
-    async def discard(self) -> None:
-        """Stop a batch still in flight (after a failure); its bytes never count."""
+    def discard(self) -> None:
+        """Stop a batch still in flight (after a failure); its bytes never count. (The writer
+        closes its file only once a thread's append has ended.)"""
         task, self.task = self.task, None
         self.batch, self.queued = [], 0
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            task.add_done_callback(_retrieve)
 
     def _start(self) -> None:
         batch, self.batch = self.batch, []

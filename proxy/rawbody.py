@@ -75,6 +75,11 @@ class Taken:
     fd: int
     remaining: int
 
+    @property
+    def size(self) -> int:
+        """The bytes of the body still to append."""
+        return sum(len(c) for c in self.buffered) + self.remaining
+
 
 def take(resp: aiohttp.ClientResponse) -> Taken | None:
     """Take the rest of ``resp``'s body off aiohttp, or None when it must be read through it."""
