@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import aiohttp
 
+from proxy import rawbody
 from proxy.errors import (
     StorageError,
     UpstreamContentError,
@@ -39,6 +41,7 @@ from proxy.upstream import Upstream
 from storage.base import BlobWriter
 from storage.content import ContentStore
 from storage.errors import DigestMismatch
+from storage.writer import SpoolWriter
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+#: Bytes read ahead while the previous batch is hashed and written in a worker thread; reading
+#: waits when this much is queued (so memory stays flat however fast upstream is).
+BATCH_MAX = 4 * 1024 * 1024
 #: Upstream reconnects (with ``Range``) in a row that bring no new byte before giving up.
 MAX_RESUMES = 5
 #: The header that carries the fleet's shared secret on peer requests.
@@ -204,16 +210,6 @@ class Downloads:
             if self.running.get(dl.digest) is dl:
                 del self.running[dl.digest]
 
-    async def _write(self, dl: Download, chunk: bytes) -> None:
-        if dl.size is not None and dl.written + len(chunk) > dl.size:
-            raise UpstreamContentError(
-                f"{dl.source} sent more bytes than announced", upstream=dl.upstream.name
-            )
-        assert dl.writer is not None
-        await dl.writer.write(chunk)
-        dl.written += len(chunk)
-        dl.notify()
-
     async def _commit(self, dl: Download) -> None:
         assert dl.writer is not None
 
@@ -245,15 +241,7 @@ class Downloads:
                     "GET", path, scope=scope, headers=headers, expect=(200, 206)
                 ) as resp:
                     skip = self._start_or_resume(dl, resp)
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        if skip:
-                            cut = min(skip, len(chunk))
-                            chunk, skip = chunk[cut:], skip - cut
-                            if not chunk:
-                                continue
-                        await self._write(dl, chunk)
-                        if self.metrics is not None:
-                            self.metrics.upstream_bytes.labels(upstream.name).inc(len(chunk))
+                    await self._read_body(dl, resp, skip)
                 if dl.size is None or dl.written >= dl.size:
                     break
                 raise UpstreamUnreachable("connection ended early", upstream=upstream.name)
@@ -280,6 +268,57 @@ class Downloads:
         await self._commit(dl)
         log.debug("blob cached digest=%s size=%d", dl.digest, dl.written)
         self.store.committed(dl.digest, dl.written)
+
+    async def _read_body(self, dl: Download, resp: aiohttp.ClientResponse, skip: int) -> None:
+        """Append the response's body (but its first ``skip`` bytes) to the download."""
+        upstream = dl.upstream
+        counter = (
+            None if self.metrics is None else self.metrics.upstream_bytes.labels(upstream.name)
+        )
+
+        def count(n: int) -> None:
+            dl.written += n
+            dl.notify()
+            if counter is not None:
+                counter.inc(n)
+
+        taken = rawbody.take(resp) if not skip and isinstance(dl.writer, SpoolWriter) else None
+        if taken is not None:
+            assert isinstance(dl.writer, SpoolWriter)
+            copy = rawbody.BodyCopy(taken, dl.writer, count, upstream.config.read_timeout)
+            took_socket = taken.fd != -1
+            try:
+                if dl.size is not None and dl.written + taken.size > dl.size:
+                    raise UpstreamContentError(
+                        "upstream sent more bytes than announced", upstream=upstream.name
+                    )
+                await copy.run()
+            except OSError as exc:  # cut short, reset, silent for read_timeout (TimeoutError)
+                raise UpstreamUnreachable(
+                    f"blob body read failed: {type(exc).__name__}", upstream=upstream.name
+                ) from exc
+            finally:
+                copy.close()
+                if took_socket:
+                    resp.close()  # aiohttp's parser did not see the body: never reuse it
+            return
+        spool = _Spool(dl)
+        try:
+            async for chunk in _chunks(resp.content):
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                    if not chunk:
+                        continue
+                await spool.add(chunk)
+                if counter is not None:
+                    counter.inc(len(chunk))
+            await spool.flush()
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            await spool.flush()  # what did arrive is good: resume after it
+            raise
+        finally:
+            spool.discard()
 
     def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
         """Check the response against what we have; return how many leading bytes to skip."""
@@ -325,8 +364,13 @@ class Downloads:
         if writer is None:
             raise StorageError("blob is neither local nor remote", op="read")
         dl.begin(writer, size)
-        async for chunk in stream:
-            await self._write(dl, chunk)
+        spool = _Spool(dl)
+        try:
+            async for chunk in stream:
+                await spool.add(chunk)
+            await spool.flush()
+        finally:
+            spool.discard()
         try:
             await self._commit(dl)
         except UpstreamContentError:
@@ -436,8 +480,102 @@ class Downloads:
                 raise UpstreamStatus("peer refused", upstream=dl.upstream.name, status=resp.status)
             writer = self.store.tier_writer(dl.digest) or self.store.blob_writer(dl.digest)
             dl.begin(writer, resp.content_length)
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                await self._write(dl, chunk)
+            spool = _Spool(dl)
+            try:
+                async for chunk in _chunks(resp.content):
+                    await spool.add(chunk)
+                await spool.flush()
+            finally:
+                spool.discard()
         if dl.size is not None and dl.written != dl.size:
             raise UpstreamUnreachable("peer stream ended early", upstream=dl.upstream.name)
         await self._commit(dl)
+
+
+async def _chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrived from the socket: no joining copy, no fixed size.
+
+    When the connection broke, the bytes that came before the break are yielded before the
+    error is raised (a resume starts after them).
+    """
+    while True:
+        try:
+            chunk, _ = await stream.readchunk()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            for chunk in rawbody.drain(stream):
+                yield chunk
+            raise
+        if chunk:
+            yield chunk
+        elif stream.at_eof():
+            return
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # a discarded batch's failure is not news: the download failed first
+
+
+class _Spool:
+    """Feeds a download's writer: one batch is hashed and written in a worker thread while the
+    next one is read, and followers are woken once per batch rather than once per chunk.
+
+    ``dl.written`` (what followers may send) advances only when a batch is in the file.
+    """
+
+    def __init__(self, dl: Download) -> None:
+        assert dl.writer is not None
+        self.dl = dl
+        self.writer = dl.writer
+        self.batch: list[bytes] = []
+        self.queued = 0
+        self.task: asyncio.Task[None] | None = None
+        self.in_flight = 0
+
+    async def add(self, chunk: bytes) -> None:
+        dl = self.dl
+        if dl.size is not None and dl.written + self.in_flight + self.queued + len(chunk) > dl.size:
+            raise UpstreamContentError(
+                f"{dl.source} sent more bytes than announced", upstream=dl.upstream.name
+            )
+        self.batch.append(chunk)
+        self.queued += len(chunk)
+        if self.task is not None:
+            if not self.task.done() and self.queued < BATCH_MAX:
+                return  # keep reading while the thread works
+            await self._land()
+        self._start()
+
+    async def flush(self) -> None:
+        """Wait until everything added is in the file (and counted in ``dl.written``)."""
+        if self.task is not None:
+            await self._land()
+        if self.batch:
+            self._start()
+            await self._land()
+
+    def discard(self) -> None:
+        """Stop a batch still in flight (after a failure); its bytes never count. (The writer
+        closes its file only once a thread's append has ended.)"""
+        task, self.task = self.task, None
+        self.batch, self.queued = [], 0
+        if task is not None and not task.done():
+            task.cancel()
+            task.add_done_callback(_retrieve)
+
+    def _start(self) -> None:
+        batch, self.batch = self.batch, []
+        self.in_flight, self.queued = self.queued, 0
+        writer = self.writer
+        if isinstance(writer, SpoolWriter):
+            self.task = asyncio.ensure_future(writer.write_chunks(batch))
+        else:
+            self.task = asyncio.ensure_future(writer.write(b"".join(batch)))
+
+    async def _land(self) -> None:
+        task, self.task = self.task, None
+        assert task is not None
+        await task
+        self.dl.written += self.in_flight
+        self.in_flight = 0
+        self.dl.notify()

@@ -57,6 +57,10 @@ DEFAULT_TOKEN_TTL = 60.0
 TOKEN_EARLY_REFRESH = 10.0
 MAX_REDIRECTS = 5
 
+#: aiohttp's read buffer per upstream connection (its default is 64 KiB): a blob body arrives
+#: in ~250 KB reads, and a small buffer pauses and resumes the socket for most of them.
+READ_BUFSIZE = 1024 * 1024
+
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 
 
@@ -146,6 +150,7 @@ class Upstream:
             timeout=self._timeout,
             auto_decompress=False,
             headers={"User-Agent": "regproxy/0.1"},
+            read_bufsize=READ_BUFSIZE,
         )
 
     async def close(self) -> None:

@@ -5,9 +5,9 @@ Objects are files under ``root`` named by their key. Content becomes visible onl
 either the whole verified file or nothing under its key; the temp files it leaves behind are
 removed at the next start (see :meth:`FilesystemDriver.open`).
 
-Writes use plain ``os.write`` on the event loop: writes into the page cache take microseconds, and
-a thread hop per chunk costs more than it saves. ``fsync`` (which can take milliseconds) runs in a
-thread.
+Writes go through :class:`storage.writer.SpoolWriter`: large appends are hashed and written in a
+worker thread, a batch of chunks per hop (hashing and copying into the page cache were a third of
+the event loop's time on a cold blob). ``fsync`` (which can take milliseconds) runs in a thread.
 """
 
 from __future__ import annotations

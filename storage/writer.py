@@ -3,22 +3,40 @@
 Bytes are appended to a spool file in the process's own temp directory (which readers may follow
 while it grows) and hashed as they go; ``commit`` verifies size and digest before the backend's
 ``_publish`` makes the object visible, and every failure path ends in ``cancel``.
+
+Appending is split in two so that the costly part runs off the event loop:
+:meth:`SpoolWriter.append` (``os.write`` and the hash update, both of which release the GIL on
+large buffers) is plain blocking code that one worker thread at a time may call, and
+:meth:`SpoolWriter.appended` records the new size on the event loop (where the S3 writer starts its
+part uploads). ``write`` does both, the first in a thread when the data is large enough to be worth
+the hop. The fd is closed only under the lock an append holds, so the append of a cancelled write
+can never land in a file that reused the descriptor.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno as errno_mod
 import hashlib
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from storage.errors import DigestMismatch, StorageError
 
 log = logging.getLogger(__name__)
+
+#: Writes at least this large are hashed and written in a worker thread; smaller ones inline
+#: (a thread hop costs more than hashing a few KiB).
+OFFLOAD_MIN = 64 * 1024
+_IOV_MAX = 1024  # Linux's limit of buffers per writev
+#: The threads that hash and write spools (shared by every writer of the process).
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="regproxy-spool")
 
 
 def os_error(message: str, path: object, exc: OSError, op: str) -> StorageError:
@@ -27,6 +45,20 @@ def os_error(message: str, path: object, exc: OSError, op: str) -> StorageError:
     err = StorageError(f"{message} ({name})", path=str(path), op=op)
     err.errno = exc.errno
     return err
+
+
+def _write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write every chunk, in order, with as few system calls as the kernel allows (``writev``;
+    a TLS upstream delivers the body in pieces of a few dozen KiB)."""
+    views = [memoryview(c) for c in chunks if len(c)]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + _IOV_MAX])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:
+            views[first] = views[first][written:]
 
 
 class SpoolWriter:
@@ -44,23 +76,59 @@ class SpoolWriter:
         self.size = 0
         self._hash = hashlib.new(algorithm)
         self._state = "open"  # open -> committed | cancelled
+        #: Held while a thread appends: the fd is closed only when no append runs.
+        self._appending = threading.Lock()
+        # Bytes written for hashing later, and those hashed since (one writer thread each).
+        self._unhashed_in = 0
+        self._unhashed_out = 0
         try:
             self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             raise os_error("cannot create temp file", self.path, exc, "write") from exc
 
     async def write(self, data: bytes) -> None:
-        if self._fd is None:
-            raise StorageError("write after commit or cancel", path=str(self.path), op="write")
-        view = memoryview(data)
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except OSError as exc:
-            raise os_error("cannot write temp file", self.path, exc, "write") from exc
+        await self.write_chunks((data,))
+
+    async def write_chunks(self, chunks: Sequence[bytes]) -> None:
+        """Append ``chunks`` in order (one thread hop for all of them, no joining copy)."""
+        total = sum(len(c) for c in chunks)
+        if total >= OFFLOAD_MIN:
+            await asyncio.wrap_future(_POOL.submit(self.append, chunks))
+        else:
+            self.append(chunks)
+        await self.appended(total)
+
+    def append(self, chunks: Sequence[bytes | memoryview], *, hash_later: bool = False) -> None:
+        """Write and hash ``chunks`` (blocking; from one thread at a time). Follow with
+        :meth:`appended` on the event loop before the bytes count as written.
+
+        ``hash_later``: write only; the same bytes must then be passed to :meth:`hash` in the
+        same order (another thread may do it meanwhile). ``commit`` refuses while any byte
+        written is not hashed.
+        """
+        with self._appending:
+            fd = self._fd
+            if fd is None:
+                raise StorageError("write after commit or cancel", path=str(self.path), op="write")
+            try:
+                _write_all(fd, chunks)
+            except OSError as exc:
+                raise os_error("cannot write temp file", self.path, exc, "write") from exc
+            for data in chunks:
+                if hash_later:
+                    self._unhashed_in += len(data)
+                else:
+                    self._hash.update(data)
+
+    def hash(self, data: bytes | memoryview) -> None:
+        """Hash bytes written with ``append(..., hash_later=True)``, in order (blocking; one
+        thread at a time, which may run alongside the appending one)."""
         self._hash.update(data)
-        before, self.size = self.size, self.size + len(data)
+        self._unhashed_out += len(data)
+
+    async def appended(self, count: int) -> None:
+        """``count`` more bytes were appended (by :meth:`append`): they are readable now."""
+        before, self.size = self.size, self.size + count
         await self._written(before)
 
     async def commit(
@@ -74,7 +142,9 @@ class SpoolWriter:
             raise StorageError("commit after commit or cancel", path=str(self.path), op="write")
         actual = f"{self.algorithm}:{self._hash.hexdigest()}"
         problem = None
-        if expected_size is not None and self.size != expected_size:
+        if self._unhashed_in != self._unhashed_out:
+            problem = f"{self._unhashed_in - self._unhashed_out} bytes written but not hashed"
+        elif expected_size is not None and self.size != expected_size:
             problem = f"size mismatch: expected {expected_size}, got {self.size}"
         elif actual != expected_digest:
             problem = f"digest mismatch: expected {expected_digest}, got {actual}"
@@ -103,10 +173,11 @@ class SpoolWriter:
             await self._discard()
 
     def _close_fd(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+        with self._appending:  # waits for an append still running in a thread
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
 
     # -- hooks ---------------------------------------------------------------------------------
 

@@ -38,6 +38,13 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "s3_stream_rss": ("distribution", "regproxy"),
     "s3_stream_speed": ("distribution", "regproxy"),
     "s3_stream_rss_large": ("distribution", "regproxy"),
+    # bench/cold.py (issue #13)
+    "cold_many": ("distribution", "regproxy"),
+    "cold_many_cpu": ("distribution", "regproxy"),
+    "tls_stream_speed": ("distribution", "regproxy"),
+    "tls_stream_cpu": ("distribution", "regproxy"),
+    "tls_many": ("distribution", "regproxy"),
+    "tls_many_cpu": ("distribution", "regproxy"),
 }
 
 TARGETS = {
@@ -54,6 +61,12 @@ TARGETS = {
     "s3_warm_blob_large",
     "s3_cold_pull",
     "s3_stream_rss_large",
+    # bench/cold.py (issue #13)
+    "stream_speed",
+    "stream_cpu",
+    "cold_many",
+    "tls_stream_speed",
+    "tls_many",
 }
 
 

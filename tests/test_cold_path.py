@@ -1,0 +1,110 @@
+"""Cold blobs large enough to be read straight from the upstream socket (``proxy/rawbody.py``).
+
+A plain-HTTP body of at least ``rawbody.MIN_BODY`` is read by a worker thread rather than through
+aiohttp; these tests hold that path to the same rules as every other: a wrong or short body
+reaches no client whole and is never cached, a cut one resumes from the last byte that arrived,
+and concurrent clients share the one download. (Smaller blobs, read through aiohttp, are covered
+by ``test_faults.py`` and ``test_read_path.py``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy import rawbody
+from tests.harness.front import CutAfter, FlipByte, WrongLength
+from tests.harness.images import seed_image
+from tests.harness.registry import start_registry
+from tests.test_faults import (
+    BigImages,
+    FrontFactory,
+    ProxyFactory,
+    assert_failed_not_complete,
+    blob_file,
+    blob_get,
+    eventually,
+    request,
+    sha256,
+    stored_blobs_verify,
+    temp_files,
+)
+
+MiB = 1024 * 1024
+SIZE = 12 * MiB
+
+
+@pytest.fixture(scope="module")
+def huge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigImages]:
+    """A module-wide registry with one single-layer image of ~12 MiB (read-only)."""
+    reg = start_registry(tmp_path_factory.mktemp("cold-path-registry"))
+    try:
+        image = seed_image(
+            reg, "library/huge", "1", platforms=("linux/amd64",), layer_sizes=(SIZE,)
+        )
+        yield BigImages(reg, {"library/huge:1": image})
+    finally:
+        reg.stop()
+
+
+def test_the_blob_is_read_from_the_socket() -> None:
+    assert SIZE - 2 * MiB > rawbody.MIN_BODY  # even the resumes below take the socket path
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [FlipByte(SIZE - 3 * MiB), FlipByte(5), WrongLength(-7), WrongLength(+7)],
+    ids=["flip-late", "flip-early", "short", "long"],
+)
+async def test_wrong_body_fails_every_client_and_is_not_cached(
+    huge: BigImages, front: FrontFactory, proxy_factory: ProxyFactory, fault: Any
+) -> None:
+    digest, data = huge.layer("library/huge:1")
+    upstream = front(huge.registry)
+    upstream.add_fault(blob_get(digest), fault, times=100)
+    proxy = proxy_factory(upstream.url)
+    url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
+
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        results = await asyncio.gather(*(request(url, session=session) for _ in range(6)))
+    for got in results:
+        assert_failed_not_complete(got)
+        if not isinstance(fault, FlipByte):
+            assert got.body == data[: len(got.body)], got
+    assert not blob_file(proxy, digest).exists()
+    assert await eventually(lambda: not temp_files(proxy)), temp_files(proxy)
+
+    upstream.clear_faults()
+    fresh = await request(url)
+    assert (fresh.status, fresh.error) == (200, None), fresh
+    assert fresh.body == data
+    assert fresh.headers is not None and fresh.headers["X-Cache"] == "MISS"
+    assert stored_blobs_verify(proxy.storage) == {digest: len(data)}
+
+
+async def test_cut_body_resumes_after_the_last_byte_for_every_follower(
+    huge: BigImages, front: FrontFactory, proxy_factory: ProxyFactory
+) -> None:
+    digest, data = huge.layer("library/huge:1")
+    upstream = front(huge.registry)
+    upstream.add_fault(blob_get(digest, ranged=False), CutAfter(1_000_001))
+    upstream.add_fault(blob_get(digest, ranged=True), CutAfter(1_234_567))
+    proxy = proxy_factory(upstream.url)
+    url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
+
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        results = await asyncio.gather(*(request(url, session=session) for _ in range(8)))
+    for got in results:
+        assert (got.status, got.error) == (200, None), got
+        assert len(got.body) == len(data) and sha256(got.body) == digest
+    ranges = [r.headers["Range"] for r in upstream.requests if blob_get(digest, ranged=True)(r)]
+    assert ranges == ["bytes=1000001-", "bytes=2234568-"]
+    assert upstream.count("GET", f"/blobs/{digest}") == 3
+    assert stored_blobs_verify(proxy.storage) == {digest: len(data)}
+    hit = await request(url)
+    assert hit.headers is not None and (hit.status, hit.headers["X-Cache"]) == (200, "HIT")
+    assert hit.body == data
