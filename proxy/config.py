@@ -281,6 +281,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("s3.path_style"),
     Setting("s3.redirect"),
     Setting("s3.redirect_expiry"),
+    Setting("s3.upload_concurrency"),
     Setting("console.sample_every"),
     Setting("console.history"),
     Setting("sync_ratelimit_floor"),
@@ -317,6 +318,7 @@ S3_KEYS = frozenset(
         "redirect",
         "redirect_expiry",
         "part_size",
+        "upload_concurrency",
     }
 )
 
@@ -506,6 +508,11 @@ def _build_s3(location: str, section: Mapping[str, Any]) -> S3Settings:
         if not 5 * 1024 * 1024 <= part <= 5 * 1024**3:
             raise ConfigError("s3.part_size", "must be between 5 MiB and 5 GiB")
         kwargs["part_size"] = part
+    if section.get("upload_concurrency") not in (None, ""):
+        count = _field(section, "upload_concurrency", int, "s3.")
+        if not 1 <= count <= 64:
+            raise ConfigError("s3.upload_concurrency", "must be between 1 and 64")
+        kwargs["upload_concurrency"] = count
     return S3Settings(**kwargs)
 
 

@@ -49,9 +49,7 @@ from storage.writer import SpoolWriter, os_error
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-CHUNK = 256 * 1024
-#: Parts uploading at once per process (each holds one part in memory while it is sent).
-PARTS_IN_FLIGHT = 6
+CHUNK = 1024 * 1024
 #: Multipart uploads older than this under the prefix are taken as abandoned at start.
 ABANDONED_AFTER = 24 * 3600.0
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
@@ -85,7 +83,7 @@ class S3Writer(SpoolWriter):
     async def _start_part(self, offset: int, length: int) -> None:
         """Queue one part. Its bytes are read back from the spool when a slot is free, so the
         download never waits for the object store: the upload catches up behind it, and memory
-        holds at most ``PARTS_IN_FLIGHT`` parts per process."""
+        holds at most ``S3Settings.upload_concurrency`` parts per process."""
         if self._upload_id is None:
             self._upload_id = await self._driver.create_upload(self.key)
             self._record.write_text(json.dumps({"key": self.key, "upload_id": self._upload_id}))
@@ -170,7 +168,7 @@ class S3Driver:
         self.on_request: Callable[[str, str, float], None] | None = None
         self._lock_fd: int | None = None
         #: Part uploads at once, all blobs together (each holds one part in memory).
-        self.part_slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+        self.part_slots = asyncio.Semaphore(settings.upload_concurrency)
         #: Spool files of dead processes removed by ``open`` (``regproxy gc`` reports them).
         self.leftovers: list[tuple[Path, int]] = []
         self._stack = contextlib.AsyncExitStack()

@@ -50,6 +50,10 @@ class S3Settings:
     redirect_expiry: float = 1200.0
     #: Multipart part size in bytes; defaults to 8 MiB (S3's minimum is 5 MiB).
     part_size: int = 8 * 1024 * 1024
+    #: Parts uploaded at once by the process, all blobs together; defaults to 1. Uploads follow
+    #: downloads from the local spool and never hold a client up, so fewer at once leave more
+    #: CPU to the clients; raise it when a remote bucket lets the spool backlog grow.
+    upload_concurrency: int = 1
 
 
 @dataclass(frozen=True)
