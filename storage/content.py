@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 
 from storage.base import BlobWriter, LocalFile, StorageDriver, TagEntry
-from storage.errors import StorageError
+from storage.errors import DigestMismatch, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +208,6 @@ class ContentStore:
 
     async def put_manifest(self, digest: str, data: bytes, media_type: str) -> None:
         """Store verified manifest bytes with their media type (verifies ``digest`` again)."""
-        from storage.errors import DigestMismatch
-
         algorithm, hexpart = split_digest(digest)
         if hashlib.new(algorithm, data).hexdigest() != hexpart:
             raise DigestMismatch(f"manifest does not match {digest}")

@@ -65,6 +65,17 @@ def s3_proxy(
     )
 
 
+def run_admin(seaweed: SeaweedS3, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **seaweed.env()},
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+
+
 async def test_pull_through_s3_then_a_fresh_replica_serves_it_all(
     registry: Registry,
     front: FrontFactory,
@@ -194,23 +205,7 @@ async def test_corrupted_object_is_never_served_and_is_replaced(
     assert got == image.blobs[digest]
     # verify finds and removes a corrupted object, and says so with exit 1
     seaweed.client().put_object(Bucket=bucket, Key=blob_key(digest), Body=bytes(flipped))
-    verify = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "verify",
-            "--storage",
-            f"s3://{bucket}/cache",
-            "--work-dir",
-            str(tmp_path / "wv"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **seaweed.env()},
-    )
+    verify = run_admin(seaweed, "verify", "--storage", f"s3://{bucket}/cache", "--json")
     assert verify.returncode == 1, verify.stderr
     assert digest in verify.stdout
     assert blob_key(digest) not in seaweed.keys(bucket, "cache/")
@@ -416,37 +411,9 @@ async def test_eviction_bounds_the_bucket_and_stats_read_it(
     assert upstream.count("GET", "/blobs/") == 0
     await pull(proxy, images[0])
     assert upstream.count("GET", "/blobs/") >= 1
-    stats = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "cache",
-            "stats",
-            "--storage",
-            f"s3://{bucket}/cache",
-            "--work-dir",
-            str(tmp_path / "ws"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **seaweed.env()},
-    )
+    stats = run_admin(seaweed, "cache", "stats", "--storage", f"s3://{bucket}/cache", "--json")
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["used_bytes"] == stored()
-
-
-def run_admin(seaweed: SeaweedS3, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **seaweed.env()},
-        cwd=str(Path(__file__).resolve().parents[1]),
-    )
 
 
 async def test_purge_and_gc_on_s3(
