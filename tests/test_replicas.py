@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
 from tests.harness.front import Drip, Front, blob
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
@@ -71,3 +73,25 @@ async def test_proxy_starts_without_redis(registry: Registry, proxy_factory: Pro
     await pull(proxy, image)
     status, _, _ = await fetch(f"{proxy.url}/readyz")
     assert status == 200
+
+
+async def test_peer_streaming_needs_the_fleet_secret(
+    registry: Registry, proxy_factory: ProxyFactory, redis_server: RedisServer
+) -> None:
+    image = seed_image(registry, "library/peer", "1", platforms=("linux/amd64",), single=True)
+    layer = image.child("linux/amd64").layers[0]
+    alone = proxy_factory(registry.url)
+    fleet = proxy_factory(registry.url, extra_args=["--redis", redis_server.url])
+    await pull(fleet, image)
+    for proxy in (alone, fleet):
+        for headers in ({}, {"X-Regproxy-Peer": "guess"}):
+            status, _, body = await fetch(
+                f"{proxy.url}/_regproxy/peer/blobs/{layer}", headers=headers
+            )
+            assert status == 403 and b"DENIED" in body
+    token = redis.Redis.from_url(redis_server.url).get("regproxy:peer-token")
+    assert token
+    status, headers, body = await fetch(
+        f"{fleet.url}/_regproxy/peer/blobs/{layer}", headers={"X-Regproxy-Peer": token.decode()}
+    )
+    assert status == 200 and body == image.blobs[layer]
