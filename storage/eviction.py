@@ -106,7 +106,7 @@ class CacheManager:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         #: Recent commits (digest -> (time, size)): a listing made meanwhile, or an object
-        #: store's listing that lags behind its writes, may not show them yet.
+        #: store's listing that lags behind its writes, may not show them yet (``_unlisted``).
         self._recent: dict[str, tuple[float, int]] = {}
         store.on_commit = self.added
         store.on_access = self.touch
@@ -205,9 +205,11 @@ class CacheManager:
         return report
 
     def _unlisted(self, files: list[Content]) -> int:
-        """Bytes committed in the last two minutes that the listing does not show."""
+        """Bytes committed in the last half minute that the listing does not show (removed
+        ones are forgotten when removed; one removed by another replica is overcounted until
+        then, which at worst evicts a little early)."""
         listed = {f.digest for f in files}
-        cutoff = time.time() - 120
+        cutoff = time.time() - 30
         self._recent = {d: v for d, v in self._recent.items() if v[0] >= cutoff}
         return sum(size for d, (_, size) in self._recent.items() if d not in listed)
 
@@ -259,6 +261,7 @@ class CacheManager:
                 self.on_error("evict")
             return False
         self._used_at.pop(item.digest, None)
+        self._recent.pop(item.digest, None)
         if found and self.on_evict is not None:
             self.on_evict(item.kind, item.digest, item.size)
         return found
