@@ -8,10 +8,11 @@ are kept in memory too (they are read on every pull; manifests are immutable and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -89,21 +90,29 @@ class ContentStore:
         )
         self._tags: LRUCache[tuple[str, str, str], TagEntry] = LRUCache(maxsize=100_000)
 
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Log and count a StorageError raised inside, then let it go on."""
+        try:
+            yield
+        except StorageError as exc:
+            self.failed(exc)
+            raise
+
     def unavailable(self, exc: StorageError) -> None:
         """Reads of manifests and records while the store is unreachable (S3 down) answer "not
         there" once the error is logged and counted, so a pull falls back to upstream — the
         source of truth — instead of failing; ``/readyz`` says 503 meanwhile. A broken local
         disk is not "unreachable": it raises."""
-        if not exc.unreachable:
-            raise self.failed(exc) from exc
         self.failed(exc)
+        if not exc.unreachable:
+            raise exc
 
-    def failed(self, exc: StorageError) -> StorageError:
-        """Log and count a storage error once, then hand it back to be raised."""
+    def failed(self, exc: StorageError) -> None:
+        """Log and count a storage error once."""
         log.error("storage error: %s", exc)
         if self.on_error is not None:
             self.on_error(exc.op or "other")
-        return exc
 
     async def open(self) -> None:
         """Prepare the driver; a StorageError here stops start-up (the caller says why)."""
@@ -122,50 +131,36 @@ class ContentStore:
         local = self.local_blob(digest)
         if local is not None:
             return local.size
-        try:
+        with self._counted():
             info = await self.driver.stat(content_key("blobs", digest))
-        except StorageError as exc:
-            raise self.failed(exc) from exc
         return None if info is None else info.size
 
     def local_blob(self, digest: str) -> LocalFile | None:
         """The committed blob as a local file, if this process has one."""
-        try:
+        with self._counted():
             return self.driver.local(content_key("blobs", digest))
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     async def read_blob(
         self, digest: str, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes] | None:
-        try:
+        with self._counted():
             return await self.driver.read(content_key("blobs", digest), offset, length)
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     def blob_writer(self, digest: str) -> BlobWriter:
-        try:
+        with self._counted():
             return self.driver.writer(content_key("blobs", digest), split_digest(digest)[0])
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     def tier_writer(self, digest: str) -> BlobWriter | None:
-        try:
+        with self._counted():
             return self.driver.tier_writer(content_key("blobs", digest), split_digest(digest)[0])
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     async def blob_url(self, digest: str, expires: float) -> str | None:
-        try:
+        with self._counted():
             return await self.driver.url_for(content_key("blobs", digest), expires)
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     async def delete_blob(self, digest: str) -> bool:
-        try:
+        with self._counted():
             return await self.driver.delete(content_key("blobs", digest))
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     def committed(self, digest: str, size: int) -> None:
         if self.on_commit is not None:
@@ -212,23 +207,19 @@ class ContentStore:
         if hashlib.new(algorithm, data).hexdigest() != hexpart:
             raise DigestMismatch(f"manifest does not match {digest}")
         key = content_key("manifests", digest)
-        try:
+        with self._counted():
             # The type first: the manifest's presence is what says "stored".
             await self.driver.put(key + ".type", media_type.encode())
             await self.driver.put(key, data)
-        except StorageError as exc:
-            raise self.failed(exc) from exc
         self._manifests[digest] = (data, media_type)
         self.committed(digest, len(data))
 
     async def delete_manifest(self, digest: str) -> bool:
         self._manifests.pop(digest, None)
         key = content_key("manifests", digest)
-        try:
+        with self._counted():
             found = await self.driver.delete(key)
             await self.driver.delete(key + ".type")
-        except StorageError as exc:
-            raise self.failed(exc) from exc
         return found
 
     # -- records -------------------------------------------------------------------------------
@@ -243,16 +234,12 @@ class ContentStore:
     async def set_record(
         self, upstream: str, repository: str, kind: str, key: str, value: bytes
     ) -> None:
-        try:
+        with self._counted():
             await self.driver.put(record_key(upstream, repository, kind, key), value)
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     async def delete_record(self, upstream: str, repository: str, kind: str, key: str) -> bool:
-        try:
+        with self._counted():
             return await self.driver.delete(record_key(upstream, repository, kind, key))
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
         cached = self._tags.get((upstream, repository, tag))
@@ -288,49 +275,39 @@ class ContentStore:
     # -- named files (stats of each replica) ----------------------------------------------------
 
     async def get_file(self, name: str) -> bytes | None:
-        try:
+        with self._counted():
             return await self.driver.get(name)
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     async def put_file(self, name: str, data: bytes) -> None:
-        try:
+        with self._counted():
             await self.driver.put(name, data)
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     async def list_files(self, prefix: str) -> list[str]:
-        try:
+        with self._counted():
             return [info.key async for info in self.driver.walk(prefix)]
-        except StorageError as exc:
-            raise self.failed(exc) from exc
 
     # -- listings ------------------------------------------------------------------------------
 
     async def list_content(self) -> list[Content]:
         """Every committed blob and manifest, with size and last modification."""
         found = []
-        try:
+        with self._counted():
             for top in KINDS:
                 async for info in self.driver.walk(f"{top}/"):
                     parsed = digest_of_key(info.key)
                     if parsed is not None:
                         kind = "blob" if parsed[0] == "blobs" else "manifest"
                         found.append(Content(kind, parsed[1], info.size, info.mtime))
-        except StorageError as exc:
-            raise self.failed(exc) from exc
         return found
 
     async def list_tags(self) -> list[TagRecord]:
         """Every remembered tag answer."""
         found = []
-        try:
+        with self._counted():
             async for info in self.driver.walk("repositories/"):
                 parts = info.key.split("/")
                 if len(parts) >= 5 and parts[-2] == "_tags":
                     found.append(TagRecord(parts[1], "/".join(parts[2:-2]), parts[-1], info.mtime))
-        except StorageError as exc:
-            raise self.failed(exc) from exc
         return found
 
     async def reachable(self, digest: str, into: set[str], depth: int = 0) -> None:
