@@ -8,6 +8,7 @@ Modules::
     storage.content      ContentStore: blobs and manifests by digest, records, listings
     storage.filesystem   the filesystem driver (default)
     storage.s3           the S3 driver (aiobotocore), with storage.tier, the local read tier
+    storage.tempdir      each process's own flock'ed temp directory, and cleaning dead ones
     storage.eviction     size accounting and LRU eviction over any driver
     storage.maintenance  stats, purge, gc, verify over any driver
     storage.redis        shared metadata and cross-replica single flight

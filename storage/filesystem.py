@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from storage.base import LocalFile, ObjectInfo
 from storage.errors import StorageError
+from storage.tempdir import ProcessTemp
 from storage.writer import SpoolWriter, os_error
 
 log = logging.getLogger(__name__)
@@ -59,8 +58,9 @@ class FilesystemDriver:
         self.root = Path(root).absolute()
         self.location = str(self.root)
         self.instance = uuid.uuid4().hex[:12]
-        self.tmp_dir = self.root / "tmp" / self.instance
-        self._lock_fd: int | None = None
+        self.temp = ProcessTemp(self.root / "tmp", self.instance)
+        #: Where this process's writes spool (``tmp/<instance>/``).
+        self.tmp_dir = self.temp.path
         #: Temp files of dead processes removed by ``open`` (``regproxy gc`` reports them).
         self.leftovers: list[tuple[Path, int]] = []
         self.on_request: Callable[[str, str, float], None] | None = None
@@ -75,30 +75,21 @@ class FilesystemDriver:
     # -- lifetime ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create the tree, claim a temp directory and remove what dead processes left.
-
-        Each process writes into ``tmp/<instance>/`` while holding an ``flock`` on its
-        ``.lock``; a directory whose lock can be taken belongs to a process that is gone (killed,
-        crashed), so its partial downloads are deleted.
-        """
+        """Create the tree, claim a temp directory and remove what dead processes left
+        (``storage.tempdir``)."""
         try:
-            for sub in ("blobs", "manifests", "repositories", "tmp"):
+            for sub in ("blobs", "manifests", "repositories"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-            self.tmp_dir.mkdir()
-            self._lock_fd = os.open(self.tmp_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.temp.claim()
         except OSError as exc:
             raise os_error("cannot prepare storage directory", self.root, exc, "open") from exc
-        self.leftovers = remove_stale_temp(self.root / "tmp", keep=self.tmp_dir)
+        self.leftovers = self.temp.remove_dead()
 
     async def close(self) -> None:
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.temp.release()
 
     async def check_ready(self) -> list[str]:
-        return check_local_dir(self.tmp_dir, self.root)
+        return self.temp.check(self.root)
 
     # -- objects -------------------------------------------------------------------------------
 
@@ -234,64 +225,3 @@ async def _read_fd(fd: int, offset: int, length: int | None, path: Path) -> Asyn
 
 def _log_walk_error(exc: OSError) -> None:
     log.error("cannot read cache directory path=%s error=%s", exc.filename, exc.strerror)
-
-
-def remove_stale_temp(tmp_root: Path, *, keep: Path) -> list[tuple[Path, int]]:
-    """Remove the temp directories of processes that are gone; return the files and sizes."""
-    removed: list[tuple[Path, int]] = []
-    try:
-        entries = list(tmp_root.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        if entry == keep:
-            continue
-        if entry.is_dir() and not owned_by_live_process(entry):
-            with contextlib.suppress(OSError):
-                removed.extend((p, p.stat().st_size) for p in entry.iterdir() if p.name != ".lock")
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.is_file():
-            with contextlib.suppress(OSError):
-                removed.append((entry, entry.stat().st_size))
-            entry.unlink(missing_ok=True)
-    if removed:
-        log.warning("removed temp files left by a previous run count=%d", len(removed))
-    return removed
-
-
-def owned_by_live_process(directory: Path) -> bool:
-    """True while the process that made ``directory`` holds the flock on its ``.lock``."""
-    try:
-        fd = os.open(directory / ".lock", os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the lock we may have taken
-    return False
-
-
-def check_local_dir(tmp_dir: Path, root: Path, min_free: int = 16 * 1024 * 1024) -> list[str]:
-    """Problems of a local directory: not writable, disk full."""
-    problems = []
-    probe = tmp_dir / "ready-probe"
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(b"ok")
-            handle.flush()
-            os.fsync(handle.fileno())
-        probe.unlink()
-    except OSError as exc:
-        problems.append(f"storage not writable: {os.strerror(exc.errno or 0)}")
-    try:
-        st = os.statvfs(root)
-    except OSError as exc:
-        problems.append(f"storage not readable: {os.strerror(exc.errno or 0)}")
-    else:
-        free = st.f_bavail * st.f_frsize
-        if free < min_free:
-            problems.append(f"disk full: {free} bytes free")
-    return problems

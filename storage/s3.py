@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,8 +39,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from storage.base import LocalFile, ObjectInfo
 from storage.errors import StorageError
-from storage.filesystem import check_local_dir, owned_by_live_process
 from storage.settings import S3Settings, WorkSettings
+from storage.tempdir import ProcessTemp
 from storage.tier import LocalTier
 from storage.writer import SpoolWriter, os_error
 
@@ -163,10 +161,11 @@ class S3Driver:
         self.location = f"s3://{settings.bucket}/{self.prefix}"
         self.instance = uuid.uuid4().hex[:12]
         self.work = Path(work.path).absolute()
-        self.tmp_dir = self.work / "tmp" / self.instance
+        self.temp = ProcessTemp(self.work / "tmp", self.instance)
+        #: Where this process's downloads spool (``<work-dir>/tmp/<instance>/``).
+        self.tmp_dir = self.temp.path
         self.tier = LocalTier(self.work / "tier", work.max_size)
         self.on_request: Callable[[str, str, float], None] | None = None
-        self._lock_fd: int | None = None
         #: Part uploads at once, all blobs together (each holds one part in memory).
         self.part_slots = asyncio.Semaphore(settings.upload_concurrency)
         #: Spool files of dead processes removed by ``open`` (``regproxy gc`` reports them).
@@ -224,11 +223,8 @@ class S3Driver:
             await self._stack.aclose()
             raise StorageError(f"bucket {self.bucket}: {problem}", op="open")
         try:
-            (self.work / "tmp").mkdir(parents=True, exist_ok=True)
             (self.work / "tier").mkdir(parents=True, exist_ok=True)
-            self.tmp_dir.mkdir()
-            self._lock_fd = os.open(self.tmp_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.temp.claim()
         except OSError as exc:
             raise os_error("cannot prepare work directory", self.work, exc, "open") from exc
         await self._abort_leftovers()
@@ -252,23 +248,14 @@ class S3Driver:
 
     async def _abort_leftovers(self) -> None:
         aborted = 0
-        for entry in list((self.work / "tmp").iterdir()):
-            if entry == self.tmp_dir or not entry.is_dir() or owned_by_live_process(entry):
-                continue
+        for entry in self.temp.dead():
             for record in entry.glob("*.upload"):
                 with contextlib.suppress(OSError, ValueError, KeyError, StorageError, _Missing):
                     info = json.loads(record.read_text())
                     await self.abort_upload(info["key"], info["upload_id"])
+                    record.unlink()  # done with: not a leftover
                     aborted += 1
-            import shutil
-
-            with contextlib.suppress(OSError):
-                self.leftovers.extend(
-                    (p, p.stat().st_size)
-                    for p in entry.iterdir()
-                    if p.name != ".lock" and p.suffix != ".upload"
-                )
-            shutil.rmtree(entry, ignore_errors=True)
+        self.leftovers = self.temp.remove_dead()
         try:
             resp = await self._call(
                 "list_uploads",
@@ -293,16 +280,13 @@ class S3Driver:
         with contextlib.suppress(Exception):
             await self._stack.aclose()
         self._client = None
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.temp.release()
 
     async def check_ready(self) -> list[str]:
         now = time.monotonic()
         if now - self._ready_at < 1.0:
             return list(self._ready)
-        problems = check_local_dir(self.tmp_dir, self.work)
+        problems = self.temp.check(self.work)
         try:
             await asyncio.wait_for(
                 self._call(
