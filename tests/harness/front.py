@@ -236,18 +236,16 @@ class _Ticket:
 # -- the server ----------------------------------------------------------------------------------
 
 
-class Front(BackgroundServer):
-    """Reverse proxy on 127.0.0.1 to *upstream* (a URL or anything with ``.url``)."""
+class RecordingProxy(BackgroundServer):
+    """A reverse proxy on 127.0.0.1 that records every request and applies fault rules: what
+    ``Front`` (registries) and ``s3front.S3Front`` (object stores) share. Subclasses forward in
+    ``_handle``."""
 
-    def __init__(self, upstream: str | _HasURL, *, port: int = 0) -> None:
-        super().__init__("front", port)
-        #: Base URL requests are forwarded to; may be changed while running.
-        self.upstream = (upstream if isinstance(upstream, str) else upstream.url).rstrip("/")
+    def __init__(self, name: str, port: int = 0) -> None:
+        super().__init__(name, port)
         self._lock = threading.Lock()
         self._requests: list[Req] = []
         self._rules: list[FaultRule] = []
-        self._tickets: dict[str, _Ticket] = {}
-        self._saw_authorization = False
         self._session: aiohttp.ClientSession | None = None
 
     # -- test-facing API (any thread) ------------------------------------------------------------
@@ -258,27 +256,26 @@ class Front(BackgroundServer):
         with self._lock:
             return list(self._requests)
 
-    @property
-    def saw_authorization(self) -> bool:
-        """True once any request arrived carrying an ``Authorization`` header."""
-        with self._lock:
-            return self._saw_authorization
-
-    def count(self, method: str | None = None, path_contains: str | None = None) -> int:
-        """Number of recorded requests with this method and/or path substring."""
+    def count(
+        self,
+        method: str | None = None,
+        path_contains: str | None = None,
+        match: Match | None = None,
+    ) -> int:
+        """Number of recorded requests with this method, path substring and/or matcher."""
         with self._lock:
             return sum(
                 1
                 for r in self._requests
                 if (method is None or r.method == method.upper())
                 and (path_contains is None or path_contains in r.path)
+                and (match is None or match(r))
             )
 
     def reset(self) -> None:
-        """Forget recorded requests and ``saw_authorization`` (fault rules stay)."""
+        """Forget recorded requests (fault rules stay)."""
         with self._lock:
             self._requests.clear()
-            self._saw_authorization = False
 
     def add_fault(self, match: Match, fault: Fault, times: int = 1) -> FaultRule:
         """Apply *fault* to the next *times* requests matching *match*."""
@@ -312,6 +309,32 @@ class Front(BackgroundServer):
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class Front(RecordingProxy):
+    """Reverse proxy on 127.0.0.1 to *upstream* (a URL or anything with ``.url``)."""
+
+    def __init__(self, upstream: str | _HasURL, *, port: int = 0) -> None:
+        super().__init__("front", port)
+        #: Base URL requests are forwarded to; may be changed while running.
+        self.upstream = (upstream if isinstance(upstream, str) else upstream.url).rstrip("/")
+        self._tickets: dict[str, _Ticket] = {}
+        self._saw_authorization = False
+
+    @property
+    def saw_authorization(self) -> bool:
+        """True once any request arrived carrying an ``Authorization`` header."""
+        with self._lock:
+            return self._saw_authorization
+
+    def reset(self) -> None:
+        """Forget recorded requests and ``saw_authorization`` (fault rules stay)."""
+        with self._lock:
+            self._requests.clear()
+            self._saw_authorization = False
 
     # -- request handling (server loop) ----------------------------------------------------------
 

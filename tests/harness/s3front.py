@@ -30,7 +30,6 @@ Matchers for the S3 calls a multipart upload is made of: ``create_upload()`` (PO
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -40,14 +39,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from tests.harness._loop import BackgroundServer
 from tests.harness.front import (
     CHUNK,
     HOP_BY_HOP,
     CutAfter,
     Fault,
     FaultRule,
-    Match,
+    RecordingProxy,
     Req,
     Stall,
     Status,
@@ -140,40 +138,12 @@ def put_object(req: Req) -> bool:
 # -- the server --------------------------------------------------------------------------------
 
 
-class S3Front(BackgroundServer):
+class S3Front(RecordingProxy):
     """Reverse proxy on 127.0.0.1 to an S3 *endpoint* URL, with fault rules and request counts."""
 
     def __init__(self, endpoint: str, *, port: int = 0) -> None:
         super().__init__("s3front", port)
         self.endpoint = endpoint.rstrip("/")
-        self._lock = threading.Lock()
-        self._requests: list[Req] = []
-        self._rules: list[FaultRule] = []
-        self._session: aiohttp.ClientSession | None = None
-
-    # -- test-facing API (any thread) ------------------------------------------------------------
-
-    @property
-    def requests(self) -> list[Req]:
-        """A snapshot of every request received so far, in arrival order."""
-        with self._lock:
-            return list(self._requests)
-
-    def count(
-        self,
-        method: str | None = None,
-        path_contains: str | None = None,
-        match: Match | None = None,
-    ) -> int:
-        """Number of recorded requests with this method, path substring and/or matcher."""
-        with self._lock:
-            return sum(
-                1
-                for r in self._requests
-                if (method is None or r.method == method.upper())
-                and (path_contains is None or path_contains in r.path)
-                and (match is None or match(r))
-            )
 
     def counts_by_method(self) -> dict[str, int]:
         """``{"GET": n, "PUT": n, …}`` over every recorded request."""
@@ -182,42 +152,6 @@ class S3Front(BackgroundServer):
             for r in self._requests:
                 counts[r.method] = counts.get(r.method, 0) + 1
         return counts
-
-    def reset(self) -> None:
-        """Forget recorded requests (fault rules stay)."""
-        with self._lock:
-            self._requests.clear()
-
-    def add_fault(self, match: Match, fault: Fault, times: int = 1) -> FaultRule:
-        """Apply *fault* to the next *times* requests matching *match*."""
-        rule = FaultRule(match, fault, times)
-        with self._lock:
-            self._rules.append(rule)
-        return rule
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._rules.clear()
-
-    # -- lifecycle -------------------------------------------------------------------------------
-
-    async def _on_startup(self) -> None:
-        self._session = aiohttp.ClientSession(
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60),
-        )
-
-    async def _on_cleanup(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-    def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=1024**3)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        return app
 
     # -- request handling (server loop) ----------------------------------------------------------
 
