@@ -153,16 +153,11 @@ class S3Subject(servers.Subject):
         """Stop, empty the prefix and the local work dir, start: a cold cache, a new process."""
         self.stop()
         self.store.wipe(self.prefix)
-        if self.storage is not None:
-            shutil.rmtree(self.storage, ignore_errors=True)
-        self.start()
+        self.restart_local_empty()
 
     def restart_local_empty(self) -> None:
         """Stop, drop local state only, start: what is in S3 stays (a new replica)."""
-        self.stop()
-        if self.storage is not None:
-            shutil.rmtree(self.storage, ignore_errors=True)
-        self.start()
+        super().fresh()
 
 
 def _hex(digest: str) -> str:

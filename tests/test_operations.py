@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.front import Front, Status
 from tests.harness.images import SeededImage, SeededRegistry, seed_image, tag_image
-from tests.harness.proxyproc import ProxyProcess
+from tests.harness.proxyproc import REPO_ROOT, ProxyProcess
 from tests.harness.registry import Registry
 from tests.test_read_path import error_code, fetch, sha256
 
@@ -63,13 +63,21 @@ async def pull(proxy: ProxyProcess, image: SeededImage, platform: str | None = N
         assert status == 200 and sha256(data) == digest
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str,
+    check: bool = True,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``regproxy ARGS`` from the repository root; ``env`` is added to this environment."""
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=check,
+        cwd=REPO_ROOT,
+        env={**os.environ, **env} if env else None,
     )
 
 

@@ -24,7 +24,7 @@ from tests.harness.proxyproc import ProxyProcess
 from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry
 from tests.harness.seaweed import SeaweedS3
-from tests.test_operations import pull
+from tests.test_operations import pull, run_cli
 from tests.test_read_path import fetch, sha256
 
 ProxyFactory = Callable[..., ProxyProcess]
@@ -66,14 +66,8 @@ def s3_proxy(
 
 
 def run_admin(seaweed: SeaweedS3, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **seaweed.env()},
-        cwd=str(Path(__file__).resolve().parents[1]),
-    )
+    """A regproxy admin command against the test store (credentials in the environment)."""
+    return run_cli(*args, check=False, env=seaweed.env())
 
 
 async def test_pull_through_s3_then_a_fresh_replica_serves_it_all(

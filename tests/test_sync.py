@@ -12,7 +12,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,9 +23,10 @@ import pytest
 import yaml
 
 from proxy.config import ConfigError, load_config
+from tests import test_operations as operations
 from tests.harness.front import Front, Status, manifest, too_many_requests
 from tests.harness.images import SeededImage, build_image, push_image, seed_image
-from tests.harness.proxyproc import REPO_ROOT, ProxyProcess
+from tests.harness.proxyproc import ProxyProcess
 from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry
 from tests.test_operations import metrics, value
@@ -332,14 +332,7 @@ async def test_two_replicas_sync_each_entry_once(
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO_ROOT,
-    )
+    return operations.run_cli(*args, check=False, timeout=60)
 
 
 def test_bad_entries_stop_start_up_with_one_line_naming_them(tmp_path: Path) -> None:
