@@ -12,7 +12,8 @@
 
 Two rules keep a client from ever receiving a complete but wrong blob:
 
-* the last byte is held back until the download is verified (size and digest) and committed;
+* the last byte is held back until the download is verified (size and digest; making it durable,
+  an fsync or an upload's completion, may still be under way);
 * if it fails, the client's connection is aborted short of ``Content-Length``, which every
   client reports as an error, and nothing is committed.
 

@@ -92,7 +92,7 @@ class Download:
     #: Bytes in the local file so far.
     written: int = 0
     #: Size and digest checked: every byte in the local file may go out, even if making it
-    #: durable (the S3 upload's completion) is still under way or fails.
+    #: durable (the fsync and rename, the S3 upload's completion) is still under way or fails.
     verified: bool = False
     committed: bool = False
     error: BaseException | None = None

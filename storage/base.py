@@ -60,8 +60,8 @@ class BlobWriter(Protocol):
     ) -> None:
         """Verify size and digest, then make the object durable and visible under its key.
 
-        ``verified`` is called as soon as the bytes are known good, before a slow publication
-        (an S3 upload's completion), so readers of ``path`` may finish. Raises DigestMismatch (after
+        ``verified`` is called as soon as the bytes are known good, before the publication
+        (an fsync, an S3 upload's completion), so readers of ``path`` may finish. Raises DigestMismatch (after
         cancelling) if the bytes do not match, StorageError if the backend fails (also after
         cancelling: nothing is left half-visible).
         """

@@ -62,8 +62,6 @@ class _Missing(Exception):
 class S3Writer(SpoolWriter):
     """Spool locally and upload full parts as they fill; complete only after verification."""
 
-    slow_publish = True
-
     def __init__(self, driver: S3Driver, key: str, algorithm: str) -> None:
         super().__init__(driver.tmp_dir, key, algorithm)
         self._driver = driver

@@ -64,11 +64,6 @@ def _write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
 class SpoolWriter:
     """Spools to a local file and hashes; subclasses publish the verified result."""
 
-    #: Publishing takes long (an upload's last part and completion): readers are told the
-    #: bytes are good before it, through ``commit(verified=...)``. A local rename is quick, so
-    #: the filesystem makes readers wait for the committed file instead.
-    slow_publish = False
-
     def __init__(self, tmp_dir: Path, key: str, algorithm: str) -> None:
         self.key = key
         self.algorithm = algorithm
@@ -151,7 +146,9 @@ class SpoolWriter:
         if problem is not None:
             await self.cancel()
             raise DigestMismatch(problem)
-        if verified is not None and self.slow_publish:
+        if verified is not None:
+            # Publishing takes long (the filesystem's fsync of a GiB, an upload's last part and
+            # completion): the verified bytes in the spool may go out meanwhile.
             verified()
         try:
             await self._publish()
