@@ -163,7 +163,9 @@ class BlobService:
             # A range of a blob still downloading: wait for the verified whole, then serve it.
             await self._wait_done(dl)
             return await self.serve(request, upstream, repository, digest)
-        return await stream_download(request, dl, digest, self.store)
+        # Verified and being made durable: every byte is on this disk already.
+        cache = Cache.HIT if dl.verified else Cache.MISS
+        return await stream_download(request, dl, digest, self.store, cache=cache)
 
     async def _serve_stored(
         self,

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import aiohttp
 
-from proxy import rawbody
+from proxy import rawbody, threadget
 from proxy.errors import (
     StorageError,
     UpstreamContentError,
@@ -37,7 +37,7 @@ from proxy.errors import (
     UpstreamStatus,
     UpstreamUnreachable,
 )
-from proxy.upstream import Upstream
+from proxy.upstream import USER_AGENT, Upstream
 from storage.base import BlobWriter
 from storage.content import ContentStore
 from storage.errors import DigestMismatch
@@ -55,6 +55,8 @@ CHUNK = 256 * 1024
 BATCH_MAX = 4 * 1024 * 1024
 #: Upstream reconnects (with ``Range``) in a row that bring no new byte before giving up.
 MAX_RESUMES = 5
+#: Seconds a shutdown waits for verified downloads to be published.
+PUBLISH_GRACE = 30.0
 #: The header that carries the fleet's shared secret on peer requests.
 PEER_HEADER = "X-Regproxy-Peer"
 PEER_PATH = "/_regproxy/peer/blobs/"
@@ -154,18 +156,24 @@ class Downloads:
         self.peer_token: str | None = None
         self.session: aiohttp.ClientSession | None = None
         self.running: dict[str, Download] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Download] = {}
 
     def __len__(self) -> int:
         return len(self.running)
 
     async def close(self) -> None:
+        # Clients of a verified download have their bytes already: let it become durable (the
+        # fsync and rename, the upload's completion) rather than lose it to a restart.
+        publishing = [task for task, dl in self._tasks.items() if dl.verified]
+        if publishing:
+            await asyncio.wait(publishing, timeout=PUBLISH_GRACE)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
+        threadget.POOL.close()
 
     def get(self, upstream: Upstream, repository: str, digest: str, *, stored: bool) -> Download:
         """The download in flight for ``digest``, or a new one (``stored``: the store has it)."""
@@ -177,9 +185,12 @@ class Downloads:
         dl = Download(digest, upstream, repository, source="store" if stored else "upstream")
         self.running[digest] = dl
         task = asyncio.ensure_future(self._run(dl))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = dl
+        task.add_done_callback(self._forget)
         return dl
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     async def _run(self, dl: Download) -> None:
         try:
@@ -237,11 +248,14 @@ class Downloads:
         while True:
             headers = {"Range": f"bytes={dl.written}-"} if dl.written else {}
             try:
-                async with upstream.request(
-                    "GET", path, scope=scope, headers=headers, expect=(200, 206)
-                ) as resp:
-                    skip = self._start_or_resume(dl, resp)
-                    await self._read_body(dl, resp, skip)
+                if not await self._fetch_in_thread(dl, path, scope, headers):
+                    async with upstream.request(
+                        "GET", path, scope=scope, headers=headers, expect=(200, 206)
+                    ) as resp:
+                        skip = self._start_or_resume(
+                            dl, resp.status, resp.content_length, resp.headers
+                        )
+                        await self._read_body(dl, resp, skip)
                 if dl.size is None or dl.written >= dl.size:
                     break
                 raise UpstreamUnreachable("connection ended early", upstream=upstream.name)
@@ -284,21 +298,10 @@ class Downloads:
 
         taken = rawbody.take(resp) if not skip and isinstance(dl.writer, SpoolWriter) else None
         if taken is not None:
-            assert isinstance(dl.writer, SpoolWriter)
-            copy = rawbody.BodyCopy(taken, dl.writer, count, upstream.config.read_timeout)
-            took_socket = taken.fd != -1
+            took_socket = taken.source is not None
             try:
-                if dl.size is not None and dl.written + taken.size > dl.size:
-                    raise UpstreamContentError(
-                        "upstream sent more bytes than announced", upstream=upstream.name
-                    )
-                await copy.run()
-            except OSError as exc:  # cut short, reset, silent for read_timeout (TimeoutError)
-                raise UpstreamUnreachable(
-                    f"blob body read failed: {type(exc).__name__}", upstream=upstream.name
-                ) from exc
+                await self._copy_taken(dl, taken, count)
             finally:
-                copy.close()
                 if took_socket:
                     resp.close()  # aiohttp's parser did not see the body: never reuse it
             return
@@ -320,22 +323,107 @@ class Downloads:
         finally:
             spool.discard()
 
-    def _start_or_resume(self, dl: Download, resp: aiohttp.ClientResponse) -> int:
+    async def _copy_taken(
+        self, dl: Download, taken: rawbody.Taken, count: Callable[[int], None]
+    ) -> None:
+        """Copy a body read by a worker thread into the download's writer."""
+        upstream = dl.upstream
+        assert isinstance(dl.writer, SpoolWriter)
+        copy = rawbody.BodyCopy(taken, dl.writer, count, upstream.config.read_timeout)
+        try:
+            if dl.size is not None and dl.written + taken.size > dl.size:
+                raise UpstreamContentError(
+                    "upstream sent more bytes than announced", upstream=upstream.name
+                )
+            await copy.run()
+        except OSError as exc:  # cut short, reset, silent for read_timeout (TimeoutError)
+            raise UpstreamUnreachable(
+                f"blob body read failed: {type(exc).__name__}", upstream=upstream.name
+            ) from exc
+        finally:
+            copy.close()
+
+    async def _fetch_in_thread(
+        self, dl: Download, path: str, scope: str, headers: dict[str, str]
+    ) -> bool:
+        """GET the blob from an HTTPS upstream on a worker thread's connection
+        (``proxy.threadget``); False when the caller must make the request through aiohttp."""
+        upstream = dl.upstream
+        if (
+            upstream.base.scheme != "https"
+            or not rawbody.has_free_thread()
+            or (dl.writer is not None and not isinstance(dl.writer, SpoolWriter))
+        ):
+            return False
+        upstream.check_backoff()
+        sent = dict(headers)
+        auth = upstream.auth_header(scope)
+        if auth:
+            sent["Authorization"] = auth
+        config = upstream.config
+        try:
+            resp = await threadget.get_async(
+                str(upstream.url_for(path)),
+                sent,
+                auth_origin=threadget.origin_of(str(upstream.base)),
+                connect_timeout=config.connect_timeout,
+                read_timeout=config.read_timeout,
+                user_agent=USER_AGENT,
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            log.debug("threaded blob GET failed, retrying through aiohttp error=%r", exc)
+            return False
+        for status in resp.statuses:
+            upstream.count("GET", str(status))
+        upstream.observe(resp.headers)
+        if resp.status not in (200, 206) or not resp.plain_body:
+            resp.conn.close()  # Upstream.request asks again and handles it
+            return False
+        length = resp.content_length
+        assert length is not None
+        try:
+            skip = self._start_or_resume(dl, resp.status, length, resp.headers)
+        except BaseException:
+            resp.conn.close()
+            raise
+        if skip or not isinstance(dl.writer, SpoolWriter):
+            resp.conn.close()  # a 200 to a Range request: rare, left to aiohttp's reader
+            return False
+        counter = self.metrics.upstream_bytes.labels(upstream.name) if self.metrics else None
+
+        def count(n: int) -> None:
+            dl.written += n
+            dl.notify()
+            if counter is not None:
+                counter.inc(n)
+
+        buffered = [resp.buffered] if resp.buffered else []
+        remaining = length - len(resp.buffered)
+        source: threadget.BodySource | None = threadget.BodySource(resp)
+        if remaining <= 0:
+            resp.conn.close()  # all came with the head (or more than announced: refused below)
+            source = None
+        await self._copy_taken(dl, rawbody.Taken(buffered, source, max(0, remaining)), count)
+        return True
+
+    def _start_or_resume(
+        self, dl: Download, status: int, length: int | None, headers: Mapping[str, str]
+    ) -> int:
         """Check the response against what we have; return how many leading bytes to skip."""
         if dl.writer is None:
-            if resp.status == 206:
+            if status == 206:
                 raise UpstreamContentError("unrequested partial content", upstream=dl.upstream.name)
-            dl.begin(self.store.blob_writer(dl.digest), resp.content_length)
+            dl.begin(self.store.blob_writer(dl.digest), length)
             return 0
-        if resp.status == 206:
-            content_range = resp.headers.get("Content-Range", "")
+        if status == 206:
+            content_range = headers.get("Content-Range", "")
             if not content_range.startswith(f"bytes {dl.written}-"):
                 raise UpstreamContentError(
                     "upstream resumed at the wrong offset", upstream=dl.upstream.name
                 )
             return 0
         # 200 to a Range request: the upstream cannot resume; skip what we already have.
-        if dl.size is not None and resp.content_length not in (None, dl.size):
+        if dl.size is not None and length not in (None, dl.size):
             raise UpstreamContentError("blob size changed on resume", upstream=dl.upstream.name)
         return dl.written
 

@@ -33,6 +33,7 @@ import select
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
@@ -65,20 +66,53 @@ _HASH_POOL = concurrent.futures.ThreadPoolExecutor(
 _busy = 0
 
 
+class Source(Protocol):
+    """Where the rest of a body is read from, by the copying thread."""
+
+    def fileno(self) -> int:
+        """What to poll for readability."""
+
+    def readinto(self, view: memoryview) -> int:
+        """Read into ``view`` now: the count, 0 at the end, BlockingIOError if nothing yet."""
+
+    def finish(self, complete: bool) -> None:
+        """Done with it (``complete``: the body was read exactly to its end)."""
+
+
+class SocketSource:
+    """A duplicate of aiohttp's socket fd, read as it is (plain TCP)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def readinto(self, view: memoryview) -> int:
+        return os.readv(self.fd, [view])
+
+    def finish(self, complete: bool) -> None:
+        os.close(self.fd)  # never reused: aiohttp's parser did not see the body
+
+
 @dataclass
 class Taken:
-    """A response body: what aiohttp had read, then ``remaining`` bytes on ``fd`` (a duplicate
-    of the socket's; -1 when aiohttp had read the whole body)."""
+    """A response body: what had been read with the head, then ``remaining`` bytes from
+    ``source`` (None when the whole body had been read already)."""
 
-    #: What aiohttp had already read and parsed, in order.
+    #: What had already been read and parsed, in order.
     buffered: list[bytes]
-    fd: int
+    source: Source | None
     remaining: int
 
     @property
     def size(self) -> int:
         """The bytes of the body still to append."""
         return sum(len(c) for c in self.buffered) + self.remaining
+
+
+def has_free_thread() -> bool:
+    return _busy < MAX_THREADS
 
 
 def take(resp: aiohttp.ClientResponse) -> Taken | None:
@@ -104,12 +138,12 @@ def take(resp: aiohttp.ClientResponse) -> Taken | None:
     buffered = drain(stream)
     remaining = length - stream.total_bytes
     if stream.exception() is not None:
-        return Taken(buffered, -1, max(0, remaining))  # cut already: resume after what came
+        return Taken(buffered, None, max(0, remaining))  # cut already: resume after what came
     if remaining <= 0 or stream.at_eof() or resp.connection is None:
-        return Taken(buffered, -1, max(0, remaining))  # aiohttp had read it all (or the end)
+        return Taken(buffered, None, max(0, remaining))  # aiohttp had read it all (or the end)
     # No await since the drain: nothing else was read from the socket. From here on, nothing is.
     conn.protocol.pause_reading()
-    return Taken(buffered, os.dup(sock.fileno()), remaining)
+    return Taken(buffered, SocketSource(os.dup(sock.fileno())), remaining)
 
 
 def drain(stream: aiohttp.StreamReader) -> list[bytes]:
@@ -159,19 +193,19 @@ class BodyCopy:
         Whatever was appended before a failure has been counted when this returns or raises.
         """
         global _busy
-        fd, self.taken.fd = self.taken.fd, -1
+        source, self.taken.source = self.taken.source, None
         _busy += 1
         try:
             if self.taken.buffered:
                 await self.writer.write_chunks(self.taken.buffered)
                 self.on_bytes(sum(len(c) for c in self.taken.buffered))
                 self.taken.buffered = []
-            if fd == -1:
+            if source is None:
                 if self.taken.remaining:
                     raise ConnectionResetError("upstream closed the connection early")
                 return
-            future = _POOL.submit(self._copy, fd, self.taken.remaining)
-            fd = -1  # the thread closes it
+            future = _POOL.submit(self._copy, source, self.taken.remaining)
+            source = None  # the thread finishes it
             try:
                 await asyncio.wrap_future(future)
             finally:
@@ -179,25 +213,25 @@ class BodyCopy:
                 await self._drain()
         finally:
             _busy -= 1
-            if fd != -1:
-                os.close(fd)
+            if source is not None:
+                source.finish(False)
 
     def close(self) -> None:
-        """Release a taken fd that was never copied from."""
-        if self.taken.fd != -1:
-            os.close(self.taken.fd)
-            self.taken.fd = -1
+        """Release a taken source that was never copied from."""
+        if self.taken.source is not None:
+            self.taken.source.finish(False)
+            self.taken.source = None
 
     # -- in the worker thread ------------------------------------------------------------------
 
-    def _copy(self, fd: int, remaining: int) -> None:
+    def _copy(self, source: Source, remaining: int) -> None:
         """Read into free buffers and append them; the hash thread hashes them behind us."""
         free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         self._buffer_size = min(BUFFER, remaining)
         full: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
         hasher = _HASH_POOL.submit(self._hash, full, free)
         poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLPRI)
+        poller.register(source.fileno(), select.POLLIN | select.POLLPRI)
         idle_ms = 0
         limit_ms = None if not self.read_timeout else int(self.read_timeout * 1000)
         try:
@@ -212,7 +246,7 @@ class BodyCopy:
                     if self._stop.is_set():
                         return
                     try:
-                        n = os.readv(fd, [view[filled:want]])
+                        n = source.readinto(view[filled:want])
                     except BlockingIOError:
                         if filled >= FLUSH_MIN:
                             break  # append what came; the rest follows
@@ -241,7 +275,7 @@ class BodyCopy:
                     raise broken
         finally:
             full.put(None)
-            os.close(fd)
+            source.finish(remaining == 0)
             hasher.result()
 
     def _free_buffer(self, free: queue.SimpleQueue[memoryview]) -> memoryview | None:

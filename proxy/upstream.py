@@ -56,6 +56,7 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 DEFAULT_TOKEN_TTL = 60.0
 TOKEN_EARLY_REFRESH = 10.0
 MAX_REDIRECTS = 5
+USER_AGENT = "regproxy/0.1"
 
 #: aiohttp's read buffer per upstream connection (its default is 64 KiB): a blob body arrives
 #: in ~250 KB reads, and a small buffer pauses and resumes the socket for most of them.
@@ -149,7 +150,7 @@ class Upstream:
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
-            headers={"User-Agent": "regproxy/0.1"},
+            headers={"User-Agent": USER_AGENT},
             read_bufsize=READ_BUFSIZE,
         )
 
@@ -171,6 +172,10 @@ class Upstream:
             return None
         raw = f"{self.config.username}:{self.config.password or ''}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+    def auth_header(self, scope: str) -> str | None:
+        """The ``Authorization`` a request for ``scope`` would carry now (None: none known)."""
+        return self._auth_header(scope)
 
     def _auth_header(self, scope: str) -> str | None:
         if self._challenge is None:
@@ -246,7 +251,7 @@ class Upstream:
         Other statuses raise :class:`UpstreamStatus` (429: :class:`UpstreamRateLimited`).
         """
         self.check_backoff()
-        url = self.base.with_path(self.base.path.rstrip("/") + path, encoded=False)
+        url = self.url_for(path)
         if query:
             url = url.with_query(query)
         attempt = 0
@@ -265,6 +270,10 @@ class Upstream:
             yield resp
         finally:
             resp.release()
+
+    def url_for(self, path: str) -> URL:
+        """``path`` (``/v2/...``) on this upstream."""
+        return self.base.with_path(self.base.path.rstrip("/") + path, encoded=False)
 
     async def _send(
         self, method: str, url: URL, *, scope: str, headers: Mapping[str, str]
@@ -341,12 +350,20 @@ class Upstream:
         if self.metrics is not None:
             self.metrics.upstream_requests.labels(self.name, method, status).inc()
 
+    def count(self, method: str, status: str) -> None:
+        """Count a request made outside :meth:`request` (``proxy.threadget``)."""
+        self._count(method, status)
+
     def _observe(self, resp: aiohttp.ClientResponse) -> None:
-        limit = resp.headers.get("ratelimit-limit")
+        self.observe(resp.headers)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Note Docker Hub's rate-limit headers of a response."""
+        limit = headers.get("ratelimit-limit")
         if limit:
             with contextlib.suppress(ValueError):
                 self.ratelimit_limit = int(limit.split(";")[0])
-        remaining = resp.headers.get("ratelimit-remaining")
+        remaining = headers.get("ratelimit-remaining")
         if remaining:
             with contextlib.suppress(ValueError):
                 self.ratelimit_remaining = int(remaining.split(";")[0])

@@ -32,6 +32,7 @@ from tests.test_faults import (
     eventually,
     manifest_file,
     request,
+    settled,
     sha256,
     stored_blobs_verify,
     temp_files,
@@ -360,6 +361,7 @@ async def test_manifest_on_a_full_disk_is_served_or_a_clear_error(
         assert (got.status, got.error) == (200, None), got
         if expected is not None:
             assert got.body == expected
+    settled(proxy.storage)
     assert manifest_file(proxy, image.digest).read_bytes() == image.raw
     assert blob_file(proxy, child.config_digest).exists()
 
@@ -480,6 +482,7 @@ async def test_unreadable_storage_is_an_error_not_a_miss(
             image.raw,
         ),
     }[what]
+    settled(proxy.storage)
     assert target.exists()
     try:
         if when == "at-start":

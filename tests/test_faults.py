@@ -145,7 +145,18 @@ def manifest_file(proxy: ProxyProcess, digest: str) -> Path:
 
 def temp_files(proxy: ProxyProcess) -> list[Path]:
     """Files in ``storage/tmp/*/`` other than the per-process ``.lock``."""
-    tmp = proxy.storage / "tmp"
+    return _spools(proxy.storage)
+
+
+def settled(storage: Path, within: float = 5.0) -> None:
+    """Wait until no download spools in ``storage`` (each was published or dropped)."""
+    deadline = time.monotonic() + within
+    while _spools(storage) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _spools(storage: Path) -> list[Path]:
+    tmp = storage / "tmp"
     if not tmp.exists():
         return []
     return [p for p in tmp.glob("*/*") if p.name != ".lock"] + [
@@ -153,8 +164,13 @@ def temp_files(proxy: ProxyProcess) -> list[Path]:
     ]
 
 
-def stored_blobs_verify(storage: Path) -> dict[str, int]:
-    """Check every file under ``storage/blobs``: its sha256 is its name. Returns digest -> size."""
+def stored_blobs_verify(storage: Path, settle: float = 5.0) -> dict[str, int]:
+    """Check every file under ``storage/blobs``: its sha256 is its name. Returns digest -> size.
+
+    A client has its last byte once the blob is verified, a moment before the spool is fsynced
+    and renamed into ``blobs/``: first wait (up to ``settle`` s) until no spool is left.
+    """
+    settled(storage, settle)
     found: dict[str, int] = {}
     for path in (storage / "blobs").rglob("*"):
         if path.is_dir():
@@ -258,6 +274,7 @@ async def test_blob_cut_several_times_is_resumed_from_the_last_byte(
     ranges = [r.headers["Range"] for r in upstream.requests if blob_get(digest, ranged=True)(r)]
     assert ranges == ["bytes=1000000-", "bytes=2500000-", "bytes=4000000-", "bytes=5500000-"]
     assert upstream.count("GET", f"/blobs/{digest}") == 5
+    settled(proxy.storage)
     assert blob_file(proxy, digest).read_bytes() == data
     again = await request(url)
     assert (again.status, again.headers and again.headers["X-Cache"]) == (200, "HIT")

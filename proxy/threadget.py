@@ -1,0 +1,428 @@
+"""A blob GET from an HTTPS upstream on a connection that a worker thread owns.
+
+Over TLS the event loop decrypts every byte of a cold blob (uvloop's SSL reads the socket into a
+memory BIO, decrypts into a new ``bytes``, and aiohttp parses, copies and queues it): on the
+benchmark's 2 cores that left regproxy at 0.8x distribution's cold throughput from a TLS upstream.
+Here a worker thread makes the request itself over ``ssl.SSLObject`` and memory BIOs: it reads the
+socket 1 MiB at a time and decrypts straight into the download's buffers (OpenSSL releases the
+GIL), and :class:`proxy.rawbody.BodyCopy` then appends, hashes and counts as it does for a
+plain-HTTP body.
+
+Only the happy path lives here: a ``200``/``206`` with a ``Content-Length`` and no transfer or
+content coding, after following redirects (``Authorization`` goes to the upstream's own origin
+only, as in :mod:`proxy.upstream`). Anything else (a ``401`` without a cached token, ``404``,
+``429``, a ``5xx``, chunked framing, a failure to connect) returns None and the caller makes the
+request again through :meth:`proxy.upstream.Upstream.request`, which owns auth challenges,
+retries, back-off and error mapping. Connections whose body was read to its end are kept for the
+next blob from the same origin (Docker Hub sends every blob to one CDN host), at most
+``POOL_PER_ORIGIN`` each for ``POOL_IDLE`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import http.client
+import io
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import urljoin, urlsplit
+
+from multidict import CIMultiDict
+
+MiB = 1024 * 1024
+#: Raw (encrypted) bytes read from the socket at once.
+RAW_READ = MiB
+#: The response head must fit in this.
+MAX_HEAD = 64 * 1024
+MAX_REDIRECTS = 5
+POOL_PER_ORIGIN = 8
+POOL_IDLE = 30.0
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Redirect bodies up to this size are read and dropped (keeping the connection); larger ones
+#: close it.
+SMALL_BODY = 64 * 1024
+
+_context: ssl.SSLContext | None = None
+_context_lock = threading.Lock()
+
+
+def ssl_context() -> ssl.SSLContext:
+    """The client context: the system's trust store (``SSL_CERT_FILE`` honoured), as aiohttp's."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = ssl.create_default_context()
+        return _context
+
+
+Origin = tuple[str, str, int]  # scheme, host, port
+
+
+def origin_of(url: str) -> Origin:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"cannot fetch {scheme or 'a relative'} URL")
+    return scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80)
+
+
+class Connection:
+    """One HTTP/1.1 connection (TLS through memory BIOs), used by one thread at a time.
+
+    The socket is non-blocking throughout: :meth:`readinto` raises :class:`BlockingIOError` when
+    nothing can be read now (the caller polls :meth:`fileno`), and returns 0 at the end of the
+    stream.
+    """
+
+    def __init__(self, origin: Origin, sock: socket.socket, tls: ssl.SSLObject | None) -> None:
+        self.origin = origin
+        self.sock = sock
+        self.tls = tls
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._raw = memoryview(bytearray(RAW_READ if tls is not None else 0))
+        self.idle_since = 0.0
+
+    @classmethod
+    def open(cls, origin: Origin, timeout: float) -> Connection:
+        scheme, host, port = origin
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            conn = cls(origin, sock, None)
+            if scheme == "https":
+                conn.tls = ssl_context().wrap_bio(
+                    conn._incoming, conn._outgoing, server_hostname=host
+                )
+                conn._raw = memoryview(bytearray(RAW_READ))
+                conn._handshake(time.monotonic() + timeout)
+            return conn
+        except BaseException:
+            sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _wait(self, events: int, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        poller = select.poll()
+        poller.register(self.sock.fileno(), events)
+        if left <= 0 or not poller.poll(left * 1000):
+            raise TimeoutError("no answer from upstream")
+
+    def _handshake(self, deadline: float) -> None:
+        assert self.tls is not None
+        while True:
+            try:
+                self.tls.do_handshake()
+                self._flush(deadline)
+                return
+            except ssl.SSLWantReadError:
+                self._flush(deadline)
+                self._fill(deadline)
+
+    def _flush(self, deadline: float) -> None:
+        """Send what TLS queued in the outgoing BIO."""
+        data = memoryview(self._outgoing.read()) if self.tls is not None else memoryview(b"")
+        self._send_raw(data, deadline)
+
+    def _send_raw(self, data: memoryview, deadline: float) -> None:
+        while data:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                self._wait(select.POLLOUT, deadline)
+                continue
+            data = data[sent:]
+
+    def _fill(self, deadline: float) -> None:
+        """Feed the incoming BIO with what the socket has (waiting until ``deadline``)."""
+        while True:
+            try:
+                n = os.readv(self.sock.fileno(), [self._raw])
+            except BlockingIOError:
+                self._wait(select.POLLIN, deadline)
+                continue
+            if n == 0:
+                raise ConnectionResetError("upstream closed the connection")
+            self._incoming.write(self._raw[:n])
+            return
+
+    def send(self, data: bytes, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if self.tls is None:
+            self._send_raw(memoryview(data), deadline)
+            return
+        self.tls.write(data)
+        self._flush(deadline)
+
+    def readinto(self, view: memoryview) -> int:
+        """Read up to ``len(view)`` body bytes now; BlockingIOError if none can be, 0 at EOF."""
+        if self.tls is None:
+            return os.readv(self.sock.fileno(), [view])
+        while True:
+            try:
+                # with a buffer, read() returns the count (typeshed says bytes)
+                return cast(int, self.tls.read(len(view), view))
+            except ssl.SSLWantReadError:
+                n = os.readv(self.sock.fileno(), [self._raw])  # BlockingIOError: poll, retry
+                if n == 0:
+                    return 0
+                self._incoming.write(self._raw[:n])
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0
+
+    def read_some(self, size: int, timeout: float) -> bytes:
+        """Up to ``size`` bytes, waiting up to ``timeout`` for the first; b"" at EOF."""
+        deadline = time.monotonic() + timeout
+        buf = memoryview(bytearray(size))
+        while True:
+            try:
+                n = self.readinto(buf)
+            except BlockingIOError:
+                self._wait(select.POLLIN, deadline)
+                continue
+            return bytes(buf[:n])
+
+    def stale(self) -> bool:
+        """A kept connection that the server closed (or sent something unasked) meanwhile."""
+        if self.tls is not None and self._incoming.pending:
+            return True
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+
+
+@dataclass
+class Response:
+    """A response head, on the connection whose body follows."""
+
+    status: int
+    headers: CIMultiDict[str]
+    url: str
+    conn: Connection
+    #: Body bytes that arrived with the head.
+    buffered: bytes
+    #: Statuses of every response on the way here (redirects included), for the metrics.
+    statuses: list[int] = field(default_factory=list)
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        if value is None or not value.strip().isdigit():
+            return None
+        return int(value)
+
+    @property
+    def plain_body(self) -> bool:
+        """A body of announced length with no coding: bytes to append as they come."""
+        return (
+            self.content_length is not None
+            and not self.headers.get("Transfer-Encoding")
+            and self.headers.get("Content-Encoding", "identity").lower() == "identity"
+        )
+
+    @property
+    def keep_alive(self) -> bool:
+        return "close" not in self.headers.get("Connection", "").lower()
+
+
+class BodySource:
+    """The body of a :class:`Response` as a ``proxy.rawbody.Source``: its connection is kept
+    for the next GET when the body was read exactly to its end."""
+
+    def __init__(self, resp: Response) -> None:
+        self.resp = resp
+
+    def fileno(self) -> int:
+        return self.resp.conn.fileno()
+
+    def readinto(self, view: memoryview) -> int:
+        return self.resp.conn.readinto(view)
+
+    def finish(self, complete: bool) -> None:
+        if complete and self.resp.keep_alive:
+            POOL.give(self.resp.conn)
+        else:
+            self.resp.conn.close()
+
+
+class Pool:
+    """Kept connections by origin (any thread)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[Origin, list[Connection]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, origin: Origin) -> Connection | None:
+        while True:
+            with self._lock:
+                kept = self._idle.get(origin)
+                if not kept:
+                    return None
+                conn = kept.pop()
+            if time.monotonic() - conn.idle_since < POOL_IDLE and not conn.stale():
+                return conn
+            conn.close()
+
+    def give(self, conn: Connection) -> None:
+        conn.idle_since = time.monotonic()
+        with self._lock:
+            kept = self._idle.setdefault(conn.origin, [])
+            if len(kept) < POOL_PER_ORIGIN:
+                kept.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for kept in idle.values():
+            for conn in kept:
+                conn.close()
+
+
+POOL = Pool()
+#: The threads that connect, send and read heads (apart from the copying ones, and from the
+#: loop's default executor, whose few threads fsync and read files).
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="regproxy-get")
+
+
+async def get_async(url: str, headers: dict[str, str], **kwargs: Any) -> Response:
+    """:func:`get` in a worker thread; a response that arrives after the caller was cancelled is
+    closed."""
+    future = _EXECUTOR.submit(get, url, headers, **kwargs)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_close_late)
+        raise
+
+
+def _close_late(future: concurrent.futures.Future[Response]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().conn.close()
+
+
+def get(
+    url: str,
+    headers: dict[str, str],
+    *,
+    auth_origin: Origin,
+    connect_timeout: float,
+    read_timeout: float,
+    user_agent: str,
+) -> Response:
+    """GET ``url`` following redirects (blocking; in a worker thread).
+
+    Returns the first response that is not a redirect; its connection is the caller's to read
+    and then to :meth:`Pool.give` back or close. Raises OSError/ssl.SSLError/TimeoutError/
+    ValueError when no answer could be had.
+    """
+    statuses: list[int] = []
+    for _ in range(MAX_REDIRECTS + 1):
+        origin = origin_of(url)
+        sent = (
+            headers
+            if origin == auth_origin
+            else {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        )
+        resp = _request(url, origin, sent, connect_timeout, read_timeout, user_agent)
+        resp.statuses = [*statuses, resp.status]
+        statuses = resp.statuses
+        location = resp.headers.get("Location")
+        if resp.status not in REDIRECTS or not location:
+            return resp
+        _discard(resp, read_timeout)
+        url = urljoin(url, location)
+    raise ValueError("too many redirects")
+
+
+def _request(
+    url: str,
+    origin: Origin,
+    headers: dict[str, str],
+    connect_timeout: float,
+    read_timeout: float,
+    user_agent: str,
+) -> Response:
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    scheme, host, port = origin
+    name = f"[{host}]" if ":" in host else host
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {name if port == (443 if scheme == 'https' else 80) else f'{name}:{port}'}",
+        f"User-Agent: {user_agent}",
+        "Accept-Encoding: identity",
+    ]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    kept = POOL.take(origin)
+    if kept is not None:
+        try:
+            return _exchange(kept, url, request, read_timeout)
+        except (OSError, ssl.SSLError):
+            kept.close()  # closed by the server while we sent: once more on a new one
+    conn = Connection.open(origin, connect_timeout)
+    try:
+        return _exchange(conn, url, request, read_timeout)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _exchange(conn: Connection, url: str, request: bytes, read_timeout: float) -> Response:
+    conn.send(request, read_timeout)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        if len(head) > MAX_HEAD:
+            raise ValueError("response head too large")
+        chunk = conn.read_some(MAX_HEAD, read_timeout)
+        if not chunk:
+            raise ConnectionResetError("upstream closed the connection before answering")
+        head += chunk
+    head, _, buffered = head.partition(b"\r\n\r\n")
+    status_line, _, rest = head.partition(b"\r\n")
+    version, _, tail = status_line.decode("latin-1").partition(" ")
+    code = tail[:3]
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise ValueError(f"not an HTTP/1.x response: {status_line[:40]!r}")
+    headers = CIMultiDict(http.client.parse_headers(io.BytesIO(rest + b"\r\n\r\n")).items())
+    return Response(int(code), headers, url, conn, buffered)
+
+
+def _discard(resp: Response, read_timeout: float) -> None:
+    """Drop a redirect's (small) body and keep its connection; close it otherwise."""
+    length = resp.content_length
+    if length is None or length > SMALL_BODY or not resp.keep_alive or not resp.plain_body:
+        resp.conn.close()
+        return
+    have = len(resp.buffered)
+    try:
+        while have < length:
+            chunk = resp.conn.read_some(length - have, read_timeout)
+            if not chunk:
+                raise ConnectionResetError("cut")
+            have += len(chunk)
+    except (OSError, ssl.SSLError):
+        resp.conn.close()
+        return
+    if have == length:
+        POOL.give(resp.conn)
+    else:
+        resp.conn.close()
