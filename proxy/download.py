@@ -122,6 +122,8 @@ class Download:
 
     def begin(self, writer: BlobWriter, size: int | None) -> None:
         self.writer, self.size = writer, size
+        if size:
+            writer.reserve(size)
         if not self.started.done():
             self.started.set_result(None)
         self.notify()
@@ -286,16 +288,10 @@ class Downloads:
     async def _read_body(self, dl: Download, resp: aiohttp.ClientResponse, skip: int) -> None:
         """Append the response's body (but its first ``skip`` bytes) to the download."""
         upstream = dl.upstream
+        count = self._counter(dl)
         counter = (
             None if self.metrics is None else self.metrics.upstream_bytes.labels(upstream.name)
         )
-
-        def count(n: int) -> None:
-            dl.written += n
-            dl.notify()
-            if counter is not None:
-                counter.inc(n)
-
         taken = rawbody.take(resp) if not skip and isinstance(dl.writer, SpoolWriter) else None
         if taken is not None:
             took_socket = taken.source is not None
@@ -322,6 +318,20 @@ class Downloads:
             raise
         finally:
             spool.discard()
+
+    def _counter(self, dl: Download) -> Callable[[int], None]:
+        """What a body copy calls with each count of bytes appended to ``dl``."""
+        counter = (
+            None if self.metrics is None else self.metrics.upstream_bytes.labels(dl.upstream.name)
+        )
+
+        def count(n: int) -> None:
+            dl.written += n
+            dl.notify()
+            if counter is not None:
+                counter.inc(n)
+
+        return count
 
     async def _copy_taken(
         self, dl: Download, taken: rawbody.Taken, count: Callable[[int], None]
@@ -389,14 +399,7 @@ class Downloads:
         if skip or not isinstance(dl.writer, SpoolWriter):
             resp.conn.close()  # a 200 to a Range request: rare, left to aiohttp's reader
             return False
-        counter = self.metrics.upstream_bytes.labels(upstream.name) if self.metrics else None
-
-        def count(n: int) -> None:
-            dl.written += n
-            dl.notify()
-            if counter is not None:
-                counter.inc(n)
-
+        count = self._counter(dl)
         buffered = [resp.buffered] if resp.buffered else []
         remaining = length - len(resp.buffered)
         source: threadget.BodySource | None = threadget.BodySource(resp)

@@ -82,13 +82,13 @@ class Connection:
     stream.
     """
 
-    def __init__(self, origin: Origin, sock: socket.socket, tls: ssl.SSLObject | None) -> None:
+    def __init__(self, origin: Origin, sock: socket.socket) -> None:
         self.origin = origin
         self.sock = sock
-        self.tls = tls
+        self.tls: ssl.SSLObject | None = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._raw = memoryview(bytearray(RAW_READ if tls is not None else 0))
+        self._raw = memoryview(bytearray(RAW_READ if origin[0] == "https" else 0))
         self.idle_since = 0.0
 
     @classmethod
@@ -98,12 +98,11 @@ class Connection:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
-            conn = cls(origin, sock, None)
+            conn = cls(origin, sock)
             if scheme == "https":
                 conn.tls = ssl_context().wrap_bio(
                     conn._incoming, conn._outgoing, server_hostname=host
                 )
-                conn._raw = memoryview(bytearray(RAW_READ))
                 conn._handshake(time.monotonic() + timeout)
             return conn
         except BaseException:
@@ -200,7 +199,7 @@ class Connection:
 
     def stale(self) -> bool:
         """A kept connection that the server closed (or sent something unasked) meanwhile."""
-        if self.tls is not None and self._incoming.pending:
+        if self.tls is not None and (self._incoming.pending or self.tls.pending()):
             return True
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)

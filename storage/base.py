@@ -48,6 +48,9 @@ class BlobWriter(Protocol):
     #: Bytes written so far.
     size: int
 
+    def reserve(self, size: int) -> None:
+        """Allocate local disk for ``size`` bytes ahead (best effort; a hint, never an error)."""
+
     async def write(self, data: bytes) -> None:
         """Append ``data``. Raises StorageError (disk full, object store away)."""
 
@@ -60,10 +63,10 @@ class BlobWriter(Protocol):
     ) -> None:
         """Verify size and digest, then make the object durable and visible under its key.
 
-        ``verified`` is called as soon as the bytes are known good, before the publication
-        (an fsync, an S3 upload's completion), so readers of ``path`` may finish. Raises DigestMismatch (after
-        cancelling) if the bytes do not match, StorageError if the backend fails (also after
-        cancelling: nothing is left half-visible).
+        ``verified`` is called as soon as the bytes are known good, before the publication (an
+        fsync, an S3 upload's completion), so readers of ``path`` may finish. Raises
+        DigestMismatch (after cancelling) if the bytes do not match, StorageError if the backend
+        fails (also after cancelling: nothing is left half-visible).
         """
 
     async def cancel(self) -> None:
