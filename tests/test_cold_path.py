@@ -19,6 +19,7 @@ import pytest
 from proxy import rawbody
 from tests.harness.front import CutAfter, FlipByte, WrongLength
 from tests.harness.images import seed_image
+from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import start_registry
 from tests.test_faults import (
     BigImages,
@@ -49,6 +50,12 @@ def huge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigImages]:
         yield BigImages(reg, {"library/huge:1": image})
     finally:
         reg.stop()
+
+
+async def committed(proxy: ProxyProcess, digest: str) -> bool:
+    """Wait (bounded) for the blob's file: the verified last byte goes out to clients before the
+    fsync and rename that publish it (``SpoolWriter.commit``)."""
+    return await eventually(lambda: blob_file(proxy, digest).exists(), within=10)
 
 
 def test_the_blob_is_read_from_the_socket() -> None:
@@ -83,6 +90,7 @@ async def test_wrong_body_fails_every_client_and_is_not_cached(
     assert (fresh.status, fresh.error) == (200, None), fresh
     assert fresh.body == data
     assert fresh.headers is not None and fresh.headers["X-Cache"] == "MISS"
+    assert await committed(proxy, digest)
     assert stored_blobs_verify(proxy.storage) == {digest: len(data)}
 
 
@@ -104,6 +112,7 @@ async def test_cut_body_resumes_after_the_last_byte_for_every_follower(
     ranges = [r.headers["Range"] for r in upstream.requests if blob_get(digest, ranged=True)(r)]
     assert ranges == ["bytes=1000001-", "bytes=2234568-"]
     assert upstream.count("GET", f"/blobs/{digest}") == 3
+    assert await committed(proxy, digest)
     assert stored_blobs_verify(proxy.storage) == {digest: len(data)}
     hit = await request(url)
     assert hit.headers is not None and (hit.status, hit.headers["X-Cache"]) == (200, "HIT")
