@@ -5,6 +5,12 @@ aiohttp; these tests hold that path to the same rules as every other: a wrong or
 reaches no client whole and is never cached, a cut one resumes from the last byte that arrived,
 and concurrent clients share the one download. (Smaller blobs, read through aiohttp, are covered
 by ``test_faults.py`` and ``test_read_path.py``.)
+
+Each test through a Front runs twice (``scheme``): against a plain-HTTP Front and against a TLS
+one (a certificate of ``local_ca``, which the proxy trusts through ``SSL_CERT_FILE``), so that
+whichever reader takes a TLS body is held to the same rules::
+
+    proxy --http or https--> Front (faults, counts) --http--> docker-registry
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import aiohttp
 import pytest
 
 from proxy import rawbody
-from tests.harness.front import CutAfter, FlipByte, WrongLength
+from tests.harness.front import CutAfter, FlipByte, Front, WrongLength
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import start_registry
+from tests.harness.tlsca import LocalCA
 from tests.test_faults import (
     BigImages,
     FrontFactory,
@@ -52,6 +59,26 @@ def huge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigImages]:
         reg.stop()
 
 
+@pytest.fixture(params=["http", "https"])
+def scheme(request: pytest.FixtureRequest) -> str:
+    """How the proxy reaches the upstream Front."""
+    return str(request.param)
+
+
+@pytest.fixture
+def origin(scheme: str, front: FrontFactory, local_ca: LocalCA) -> FrontFactory:
+    """``front`` serving ``scheme`` (HTTPS with a ``local_ca`` certificate)."""
+
+    def make(upstream: Any, **kwargs: Any) -> Front:
+        if scheme == "https":
+            kwargs.setdefault("ssl_context", local_ca.server_context())
+        instance = front(upstream, **kwargs)
+        assert instance.url.startswith(f"{scheme}://")
+        return instance
+
+    return make
+
+
 async def committed(proxy: ProxyProcess, digest: str) -> bool:
     """Wait (bounded) for the blob's file: the verified last byte goes out to clients before the
     fsync and rename that publish it (``SpoolWriter.commit``)."""
@@ -68,12 +95,16 @@ def test_the_blob_is_read_from_the_socket() -> None:
     ids=["flip-late", "flip-early", "short", "long"],
 )
 async def test_wrong_body_fails_every_client_and_is_not_cached(
-    huge: BigImages, front: FrontFactory, proxy_factory: ProxyFactory, fault: Any
+    huge: BigImages,
+    origin: FrontFactory,
+    proxy_factory: ProxyFactory,
+    local_ca: LocalCA,
+    fault: Any,
 ) -> None:
     digest, data = huge.layer("library/huge:1")
-    upstream = front(huge.registry)
+    upstream = origin(huge.registry)
     upstream.add_fault(blob_get(digest), fault, times=100)
-    proxy = proxy_factory(upstream.url)
+    proxy = proxy_factory(upstream.url, env=local_ca.env())
     url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
 
     async with aiohttp.ClientSession(auto_decompress=False) as session:
@@ -95,13 +126,13 @@ async def test_wrong_body_fails_every_client_and_is_not_cached(
 
 
 async def test_cut_body_resumes_after_the_last_byte_for_every_follower(
-    huge: BigImages, front: FrontFactory, proxy_factory: ProxyFactory
+    huge: BigImages, origin: FrontFactory, proxy_factory: ProxyFactory, local_ca: LocalCA
 ) -> None:
     digest, data = huge.layer("library/huge:1")
-    upstream = front(huge.registry)
+    upstream = origin(huge.registry)
     upstream.add_fault(blob_get(digest, ranged=False), CutAfter(1_000_001))
     upstream.add_fault(blob_get(digest, ranged=True), CutAfter(1_234_567))
-    proxy = proxy_factory(upstream.url)
+    proxy = proxy_factory(upstream.url, env=local_ca.env())
     url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
 
     async with aiohttp.ClientSession(auto_decompress=False) as session:
