@@ -6,9 +6,10 @@ reaches no client whole and is never cached, a cut one resumes from the last byt
 and concurrent clients share the one download. (Smaller blobs, read through aiohttp, are covered
 by ``test_faults.py`` and ``test_read_path.py``.)
 
-Each test through a Front runs twice (``scheme``): against a plain-HTTP Front and against a TLS
-one (a certificate of ``local_ca``, which the proxy trusts through ``SSL_CERT_FILE``), so that
-whichever reader takes a TLS body is held to the same rules::
+The tests with an ``origin`` run twice (``scheme``): against a plain-HTTP Front and against a
+TLS one (a certificate of ``local_ca``, which the proxy trusts through ``SSL_CERT_FILE``), so that
+whichever reader takes a TLS body is held to the same rules, several cold blobs one after another
+on the upstream's connections included::
 
     proxy --http or https--> Front (faults, counts) --http--> docker-registry
 """
@@ -42,19 +43,27 @@ from tests.test_faults import (
     temp_files,
 )
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 SIZE = 12 * MiB
 
 
 @pytest.fixture(scope="module")
 def huge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigImages]:
-    """A module-wide registry with one single-layer image of ~12 MiB (read-only)."""
+    """A module-wide registry (read-only) with a single-layer image of ~12 MiB, and one whose
+    layers are 6 MiB, 5 MiB (both above ``MIN_BODY``) and 16 KiB."""
     reg = start_registry(tmp_path_factory.mktemp("cold-path-registry"))
     try:
-        image = seed_image(
-            reg, "library/huge", "1", platforms=("linux/amd64",), layer_sizes=(SIZE,)
-        )
-        yield BigImages(reg, {"library/huge:1": image})
+        one = ("linux/amd64",)
+        images = {
+            "library/huge:1": seed_image(
+                reg, "library/huge", "1", platforms=one, layer_sizes=(SIZE,)
+            ),
+            "library/layers:1": seed_image(
+                reg, "library/layers", "1", platforms=one, layer_sizes=(6 * MiB, 5 * MiB, 16 * KiB)
+            ),
+        }
+        yield BigImages(reg, images)
     finally:
         reg.stop()
 
@@ -148,3 +157,48 @@ async def test_cut_body_resumes_after_the_last_byte_for_every_follower(
     hit = await request(url)
     assert hit.headers is not None and (hit.status, hit.headers["X-Cache"]) == (200, "HIT")
     assert hit.body == data
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["one-after-another", "at-once"])
+async def test_several_cold_blobs_from_one_upstream_arrive_intact(
+    huge: BigImages,
+    origin: FrontFactory,
+    proxy_factory: ProxyFactory,
+    local_ca: LocalCA,
+    at_once: bool,
+) -> None:
+    huge_image, layers = huge.images["library/huge:1"], huge.images["library/layers:1"]
+    (huge_child,) = huge_image.children.values()
+    (child,) = layers.children.values()
+    blobs = {**huge_image.blobs, **layers.blobs}
+    # Bodies read off the socket alternate with small ones read through aiohttp, on the
+    # connections the upstream client keeps (or closes) between them.
+    order = [
+        huge_child.layers[0],
+        huge_child.config_digest,
+        child.layers[0],
+        child.config_digest,
+        child.layers[1],
+        child.layers[2],
+    ]
+    assert sorted(order) == sorted(blobs)
+    upstream = origin(huge.registry)
+    proxy = proxy_factory(upstream.url, env=local_ca.env())
+
+    def url(digest: str) -> str:
+        repository = "library/huge" if digest in huge_image.blobs else "library/layers"
+        return f"{proxy.url}/v2/{repository}/blobs/{digest}"
+
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        if at_once:
+            results = await asyncio.gather(*(request(url(d), session=session) for d in order))
+        else:
+            results = [await request(url(d), session=session) for d in order]
+    for digest, got in zip(order, results, strict=True):
+        assert (got.status, got.error) == (200, None), (digest, got)
+        assert sha256(got.body) == digest and got.body == blobs[digest], (digest, got)
+    assert {d: upstream.count("GET", f"/blobs/{d}") for d in order} == dict.fromkeys(order, 1)
+    for digest in order:
+        assert await committed(proxy, digest), digest
+    assert stored_blobs_verify(proxy.storage) == {d: len(blobs[d]) for d in order}
+    assert await eventually(lambda: not temp_files(proxy)), temp_files(proxy)
