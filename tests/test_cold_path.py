@@ -12,6 +12,8 @@ whichever reader takes a TLS body is held to the same rules, several cold blobs 
 on the upstream's connections included::
 
     proxy --http or https--> Front (faults, counts) --http--> docker-registry
+
+The last is about TLS upstreams only: a certificate the proxy does not trust fails the client.
 """
 
 from __future__ import annotations
@@ -202,3 +204,21 @@ async def test_several_cold_blobs_from_one_upstream_arrive_intact(
         assert await committed(proxy, digest), digest
     assert stored_blobs_verify(proxy.storage) == {d: len(blobs[d]) for d in order}
     assert await eventually(lambda: not temp_files(proxy)), temp_files(proxy)
+
+
+async def test_tls_upstream_is_trusted_through_its_ca_only(
+    huge: BigImages, front: FrontFactory, proxy_factory: ProxyFactory, local_ca: LocalCA
+) -> None:
+    digest, data = huge.layer("library/huge:1")
+    upstream = front(huge.registry, ssl_context=local_ca.server_context())
+    distrusting = proxy_factory(upstream.url)
+    refused = await request(f"{distrusting.url}/v2/library/huge/blobs/{digest}")
+    assert refused.status is not None and refused.status >= 500, refused
+    refused.registry_error()
+    assert upstream.count() == 0, "no request is made over an unverified connection"
+    assert not blob_file(distrusting, digest).exists()
+
+    trusting = proxy_factory(upstream.url, env=local_ca.env())
+    got = await request(f"{trusting.url}/v2/library/huge/blobs/{digest}")
+    assert (got.status, got.error, got.body) == (200, None, data), got
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
