@@ -13,7 +13,9 @@ on the upstream's connections included::
 
     proxy --http or https--> Front (faults, counts) --http--> docker-registry
 
-The last is about TLS upstreams only: a certificate the proxy does not trust fails the client.
+The last two are about TLS upstreams only: a certificate the proxy does not trust fails the
+client, and a blob redirected to a CDN on another origin (as Docker Hub does) is fetched there
+without the registry's credentials.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import aiohttp
 import pytest
 
 from proxy import rawbody
-from tests.harness.front import CutAfter, FlipByte, Front, WrongLength
+from tests.harness.front import CutAfter, FlipByte, Front, RedirectTo, Req, Status, WrongLength
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import start_registry
@@ -222,3 +224,47 @@ async def test_tls_upstream_is_trusted_through_its_ca_only(
     got = await request(f"{trusting.url}/v2/library/huge/blobs/{digest}")
     assert (got.status, got.error, got.body) == (200, None, data), got
     assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+def _anonymous(req: Req) -> bool:
+    return "Authorization" not in req.headers
+
+
+async def test_tls_blob_redirected_to_another_origin_is_fetched_there_without_authorization(
+    huge: BigImages, front: FrontFactory, proxy_factory: ProxyFactory, local_ca: LocalCA
+) -> None:
+    """Docker Hub's way: the registry answers a blob GET with a 307 to a CDN on another origin."""
+    digest, data = huge.layer("library/huge:1")
+    cdn = front(huge.registry, ssl_context=local_ca.server_context())
+    upstream = front(huge.registry, ssl_context=local_ca.server_context())
+    assert cdn.url.startswith("https://") and cdn.url != upstream.url
+    # Basic credentials, asked for: the proxy then holds an Authorization it must not pass on.
+    challenge = Status(401, {"WWW-Authenticate": 'Basic realm="registry"'})
+    upstream.add_fault(_anonymous, challenge, times=1000)
+    upstream.add_fault(blob_get(digest), RedirectTo(cdn), times=1000)
+    proxy = proxy_factory(
+        upstream.url,
+        extra_args=["--upstream-username", "alice"],
+        env={**local_ca.env(), "REGPROXY_UPSTREAM_PASSWORD": "alice-secret"},
+    )
+    url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
+
+    got = await request(url)
+    assert (got.status, got.error) == (200, None), got
+    assert sha256(got.body) == digest and got.body == data
+    asked = [r for r in upstream.requests if blob_get(digest)(r)]
+    assert [(r.status, r.fault) for r in asked] == [(401, "Status"), (307, "RedirectTo")]
+    assert asked[1].headers["Authorization"].startswith("Basic ")
+    (fetched,) = cdn.requests
+    assert fetched.method == "GET" and fetched.path.endswith(f"/blobs/{digest}"), fetched
+    assert fetched.status == 200 and "Authorization" not in fetched.headers
+    assert not cdn.saw_authorization, "Authorization leaked to the redirect target"
+    assert await committed(proxy, digest)
+    assert stored_blobs_verify(proxy.storage) == {digest: len(data)}
+    assert await eventually(lambda: not temp_files(proxy)), temp_files(proxy)
+
+    seen = (upstream.count(), cdn.count())
+    hit = await request(url)
+    assert hit.headers is not None and (hit.status, hit.headers["X-Cache"]) == (200, "HIT")
+    assert hit.body == data
+    assert (upstream.count(), cdn.count()) == seen
