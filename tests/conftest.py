@@ -8,7 +8,10 @@ registry           function   a fresh, empty distribution 2.8 registry (``Regist
 seeded_registry    session    one registry holding ``STANDARD_IMAGES`` (``SeededRegistry``);
                               read-only: never push to it, delete from it or stop it
 token_registry     function   registry behind a ``TokenIssuer`` with one image (``TokenRegistry``)
-front              function   factory: ``front(upstream) -> Front`` (started, stopped at teardown)
+front              function   factory: ``front(upstream, **kw) -> Front`` (started, stopped at
+                              teardown); ``ssl_context=local_ca.server_context()`` serves HTTPS
+local_ca           session    a throwaway CA (``LocalCA``): server contexts for 127.0.0.1, and
+                              ``.env()``, the ``SSL_CERT_FILE`` that makes a proxy trust it
 proxy_factory      function   factory: ``proxy_factory(upstream_url, **kw) -> ProxyProcess``
 seaweed            session    one SeaweedFS ``weed mini`` S3 store (``SeaweedS3``); a test that
                               stops it starts it again (``s3`` does too); bucket per test:
@@ -38,6 +41,7 @@ from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry, start_registry
 from tests.harness.s3front import S3Front
 from tests.harness.seaweed import S3Location, SeaweedS3, empty_bucket
+from tests.harness.tlsca import LocalCA, make_ca
 from tests.harness.tokens import TokenIssuer, TokenRegistry
 
 
@@ -109,6 +113,12 @@ def front() -> Iterator[Callable[..., Front]]:
     finally:
         for instance in reversed(started):
             instance.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
+    """A CA for TLS servers on 127.0.0.1; a proxy trusts it with ``env=local_ca.env()``."""
+    return make_ca(tmp_path_factory.mktemp("local-ca"))
 
 
 @pytest.fixture

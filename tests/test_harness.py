@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import io
 import json
+import ssl
 import sys
 import tarfile
 import textwrap
@@ -39,6 +40,7 @@ from tests.harness.front import (
 )
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import Registry, start_registry
+from tests.harness.tlsca import LocalCA
 from tests.harness.tokens import TokenIssuer, TokenRegistry, parse_scope
 from tests.harness.tools import free_port, require_tool, wait_http
 
@@ -55,11 +57,20 @@ class Answer:
 
 
 def fetch(
-    url: str, method: str = "GET", headers: Mapping[str, str] | None = None, *, timeout: float = 10
+    url: str,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    *,
+    timeout: float = 10,
+    context: ssl.SSLContext | None = None,
 ) -> Answer:
-    """One request with http.client: nothing followed, nothing decompressed."""
+    """One request with http.client: nothing followed, nothing decompressed (https: *context*)."""
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.netloc, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)
     try:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         conn.request(method, target, headers=dict(headers or {}))
@@ -414,6 +425,24 @@ def test_front_forwards_and_records(
     # Upstream down: the front says 502 instead of hanging.
     dead = front(f"http://127.0.0.1:{free_port()}")
     assert fetch(f"{dead.url}/v2/").status == 502
+
+
+def test_front_serves_tls_before_a_plain_registry(
+    seeded_registry: im.SeededRegistry, front: Callable[..., Front], local_ca: LocalCA
+) -> None:
+    proxy = front(seeded_registry.registry, ssl_context=local_ca.server_context())
+    assert proxy.url.startswith("https://127.0.0.1:") and proxy.upstream.startswith("http://")
+    image = seeded_registry.images["library/alpine:3.19"]
+    digest, data = first_layer(image)
+    context = local_ca.client_context()
+    url = manifest_url(proxy.url, image.repository, image.tag)
+    assert fetch(url, headers={"Accept": ACCEPT_ALL}, context=context).body == image.raw
+    assert fetch(blob_url(proxy.url, image.repository, digest), context=context).body == data
+    assert [(r.method, r.status) for r in proxy.requests] == [("GET", 200), ("GET", 200)]
+    # a client that does not trust the CA is refused before any request is made
+    with pytest.raises(ssl.SSLCertVerificationError):
+        fetch(url, context=ssl.create_default_context())
+    assert proxy.count() == 2
 
 
 def test_front_passes_uploads_and_restarts(registry: Registry, front: Callable[..., Front]) -> None:

@@ -10,6 +10,7 @@ lock-protected plain data.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Coroutine
 from typing import Any, Self, TypeVar
@@ -58,23 +59,28 @@ class BackgroundServer:
     """Base for an aiohttp application served on 127.0.0.1 from a ``LoopThread``.
 
     Subclasses implement ``_make_app()`` and may override ``_on_startup()``/``_on_cleanup()``,
-    which run on the server loop. The port is kept across ``stop()``/``start()``.
+    which run on the server loop. The port is kept across ``stop()``/``start()``. With
+    *ssl_context* the server speaks HTTPS (see ``tlsca.LocalCA.server_context()``).
     """
 
     #: Seconds aiohttp waits for in-flight handlers on shutdown; handlers that stall on purpose
     #: (fault injection) are cancelled after this.
     shutdown_timeout = 1.0
 
-    def __init__(self, name: str, port: int = 0) -> None:
+    def __init__(
+        self, name: str, port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self._name = name
         self.port = port
+        self.ssl_context = ssl_context
         self._loop_thread: LoopThread | None = None
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT`` (no trailing slash)."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://127.0.0.1:PORT`` (``https`` with TLS; no trailing slash)."""
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
@@ -101,7 +107,9 @@ class BackgroundServer:
             self._make_app(), shutdown_timeout=self.shutdown_timeout, access_log=None
         )
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(
+            runner, "127.0.0.1", self.port, ssl_context=self.ssl_context, reuse_address=True
+        )
         await site.start()
         self._runner = runner
         self.port = runner.addresses[0][1]

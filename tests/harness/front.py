@@ -27,7 +27,8 @@ the registry itself, like a presigned URL, and sets ``second.saw_authorization``
 wrongly sends its ``Authorization`` header along.
 
 A Front runs on its own thread and event loop (see ``_loop.py``), so it works from sync and async
-tests alike; the recorded data is guarded by a lock.
+tests alike; the recorded data is guarded by a lock. Given an ``ssl_context`` it serves HTTPS
+(``tlsca.LocalCA``), e.g. a TLS upstream before a plain registry, or a TLS CDN.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -241,8 +243,10 @@ class RecordingProxy(BackgroundServer):
     ``Front`` (registries) and ``s3front.S3Front`` (object stores) share. Subclasses forward in
     ``_handle``."""
 
-    def __init__(self, name: str, port: int = 0) -> None:
-        super().__init__(name, port)
+    def __init__(
+        self, name: str, port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        super().__init__(name, port, ssl_context=ssl_context)
         self._lock = threading.Lock()
         self._requests: list[Req] = []
         self._rules: list[FaultRule] = []
@@ -315,10 +319,13 @@ class RecordingProxy(BackgroundServer):
 
 
 class Front(RecordingProxy):
-    """Reverse proxy on 127.0.0.1 to *upstream* (a URL or anything with ``.url``)."""
+    """Reverse proxy on 127.0.0.1 to *upstream* (a URL or anything with ``.url``); with
+    *ssl_context* it serves HTTPS (whatever the upstream's scheme)."""
 
-    def __init__(self, upstream: str | _HasURL, *, port: int = 0) -> None:
-        super().__init__("front", port)
+    def __init__(
+        self, upstream: str | _HasURL, *, port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        super().__init__("front", port, ssl_context=ssl_context)
         #: Base URL requests are forwarded to; may be changed while running.
         self.upstream = (upstream if isinstance(upstream, str) else upstream.url).rstrip("/")
         self._tickets: dict[str, _Ticket] = {}
