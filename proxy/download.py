@@ -273,7 +273,7 @@ class Downloads:
                 progress = dl.written
                 if dl.writer is None or resumes >= MAX_RESUMES:
                     raise UpstreamUnreachable(
-                        f"blob download broke: {type(exc).__name__}", upstream=upstream.name
+                        f"blob download broke: {exc}", upstream=upstream.name
                     ) from exc
                 log.info(
                     "resuming blob download digest=%s offset=%d attempt=%d",
@@ -366,26 +366,33 @@ class Downloads:
         ):
             return False
         upstream.check_backoff()
-        sent = dict(headers)
-        auth = upstream.auth_header(scope)
-        if auth:
-            sent["Authorization"] = auth
         config = upstream.config
-        try:
-            resp = await threadget.get_async(
-                str(upstream.url_for(path)),
-                sent,
-                auth_origin=threadget.origin_of(str(upstream.base)),
-                connect_timeout=config.connect_timeout,
-                read_timeout=config.read_timeout,
-                user_agent=USER_AGENT,
-            )
-        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
-            log.debug("threaded blob GET failed, retrying through aiohttp error=%r", exc)
-            return False
-        for status in resp.statuses:
-            upstream.count("GET", str(status))
-        upstream.observe(resp.headers)
+        for attempt in range(2):
+            sent = dict(headers)
+            auth = upstream.auth_header(scope)
+            if auth:
+                sent["Authorization"] = auth
+            try:
+                resp = await threadget.get_async(
+                    str(upstream.url_for(path)),
+                    sent,
+                    auth_origin=threadget.origin_of(str(upstream.base)),
+                    connect_timeout=config.connect_timeout,
+                    read_timeout=config.read_timeout,
+                    user_agent=USER_AGENT,
+                )
+            except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+                log.debug("threaded blob GET failed, retrying through aiohttp error=%r", exc)
+                return False
+            for status in resp.statuses:
+                upstream.count("GET", str(status))
+            upstream.observe(resp.headers)
+            if resp.status != 401 or attempt:
+                break
+            # The first blob of a repository before any token: take up the challenge here.
+            resp.conn.close()
+            if not await upstream.authorize(scope, resp.headers.get("WWW-Authenticate", "")):
+                return False
         if resp.status not in (200, 206) or not resp.plain_body:
             resp.conn.close()  # Upstream.request asks again and handles it
             return False

@@ -309,17 +309,25 @@ class Upstream:
             resp = await self._follow(method, url, hdrs)
             if resp.status != 401 or retried_auth:
                 return resp
-            challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+            header = resp.headers.get("WWW-Authenticate", "")
             resp.release()
-            if challenge is None or challenge.scheme not in ("bearer", "basic"):
-                return await self._follow(method, url, hdrs)
-            if challenge.scheme == "basic" and not self.config.username:
+            if not await self.authorize(scope, header):
                 return await self._follow(method, url, hdrs)
             retried_auth = True
-            self._challenge = challenge
-            self._tokens.pop(scope, None)
-            if challenge.scheme == "bearer":
-                await self._token(scope, challenge)
+
+    async def authorize(self, scope: str, www_authenticate: str) -> bool:
+        """Take up a 401's challenge: fetch a token for ``scope`` (Bearer) or use the configured
+        credentials (Basic). False when it cannot be answered."""
+        challenge = parse_challenge(www_authenticate)
+        if challenge is None or challenge.scheme not in ("bearer", "basic"):
+            return False
+        if challenge.scheme == "basic" and not self.config.username:
+            return False
+        self._challenge = challenge
+        self._tokens.pop(scope, None)
+        if challenge.scheme == "bearer":
+            await self._token(scope, challenge)
+        return True
 
     async def _follow(
         self, method: str, url: URL, headers: dict[str, str]

@@ -33,6 +33,7 @@ from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import start_registry
 from tests.harness.tlsca import LocalCA
+from tests.harness.tokens import TokenRegistry
 from tests.test_faults import (
     BigImages,
     FrontFactory,
@@ -268,3 +269,32 @@ async def test_tls_blob_redirected_to_another_origin_is_fetched_there_without_au
     assert hit.headers is not None and (hit.status, hit.headers["X-Cache"]) == (200, "HIT")
     assert hit.body == data
     assert (upstream.count(), cdn.count()) == seen
+
+
+async def test_tls_token_upstream_blob_before_any_manifest(
+    token_registry: TokenRegistry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    local_ca: LocalCA,
+) -> None:
+    """Docker Hub's way again: Bearer tokens, over TLS. A blob asked for before anything else
+    of its repository meets the 401 challenge itself; one token then serves every later blob."""
+    image = token_registry.image
+    child = next(iter(image.children.values()))
+    upstream = front(token_registry.registry, ssl_context=local_ca.server_context())
+    proxy = proxy_factory(upstream.url, env=local_ca.env())
+    base = f"{proxy.url}/v2/library/alpine"
+
+    first, *rest = [child.config_digest, *child.layers]
+    got = await request(f"{base}/blobs/{first}")
+    assert (got.status, got.error) == (200, None), got
+    assert got.body == image.blobs[first]
+    asked = [r for r in upstream.requests if blob_get(first)(r)]
+    assert [r.status for r in asked] == [401, 200]
+    assert asked[1].headers["Authorization"].startswith("Bearer ")
+    for digest in rest:
+        got = await request(f"{base}/blobs/{digest}")
+        assert (got.status, got.error, got.body) == (200, None, image.blobs[digest]), got
+        assert [r.status for r in upstream.requests if blob_get(digest)(r)] == [200]
+    assert token_registry.issuer.count(scope_contains="repository:library/alpine:pull") == 1
+    assert stored_blobs_verify(proxy.storage) == {d: len(image.blobs[d]) for d in (first, *rest)}
