@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import load, seed, servers
-from bench.procs import LIVE, Server, cpu_seconds, free_port
+from bench.procs import LIVE, Server, cpu_seconds, free_port, wait_quiet
 from bench.report import Figure, Target
 
 if TYPE_CHECKING:
@@ -83,7 +83,9 @@ def stream_many(
                 proc.wait()
             if proc in LIVE:
                 LIVE.remove(proc)
-    time.sleep(0.3)  # let the server finish what follows the last byte (commit, logging)
+    # Until the server is idle: what it does after the last byte (storing, publishing) is
+    # part of the cold GB's cost.
+    wait_quiet([pid])
     return ManyResult(seconds, total, cpu_seconds(pid) - cpu0)
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import LIVE, cpu_seconds, run, status_kib
+from bench.procs import LIVE, cpu_seconds, run, status_kib, wait_quiet
 
 WRK_SCRIPT = """\
 done = function(summary, latency, requests)
@@ -234,7 +234,9 @@ def stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
     got = int(out.strip() or 0)
     if got != expected:
         raise RuntimeError(f"streamed {got} bytes of {expected} from {url}")
-    time.sleep(0.3)  # let the server finish what follows the last byte (commit, logging)
+    # Until the server is idle: what it does after the last byte (storing, publishing) is
+    # part of the cold GB's cost.
+    wait_quiet([pid])
     cpu = cpu_seconds(pid) - cpu0
     return StreamResult(seconds, got, status_kib(pid, "VmHWM") / 1024, cpu)
 

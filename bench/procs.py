@@ -190,3 +190,42 @@ def status_kib(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise KeyError(key)
+
+
+#: A process is quiet when it used less than this much CPU over ``QUIET_INTERVAL``.
+QUIET_CPU = 0.02
+QUIET_INTERVAL = 0.25
+
+
+def wait_quiet(pids: list[int], timeout: float = 30.0) -> float:
+    """Wait until every process in ``pids`` is idle; return the seconds waited.
+
+    A server may go on working after its client has the last byte: distribution's pull-through
+    cache fetches a cold blob from upstream a second time in the background to store it (~3 s
+    of a core for 1 GiB here); regproxy fsyncs and renames. That work belongs to its cold GB, and
+    must not run during, and be billed to, the next subject's measurement.
+    """
+    start = time.monotonic()
+    while True:
+        before = {pid: _cpu_or_none(pid) for pid in pids}
+        time.sleep(QUIET_INTERVAL)
+        busy = [
+            pid
+            for pid, cpu in before.items()
+            if cpu is not None and (now := _cpu_or_none(pid)) is not None and now - cpu >= QUIET_CPU
+        ]
+        waited = time.monotonic() - start
+        if not busy or waited >= timeout:
+            return waited
+
+
+def _cpu_or_none(pid: int) -> float | None:
+    try:
+        return cpu_seconds(pid)
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def live_pids() -> list[int]:
+    """Every process the bench started that is still running."""
+    return [proc.pid for proc in LIVE if proc.poll() is None]

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.procs import Server, free_port
+from bench.procs import Server, free_port, live_pids, wait_quiet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -76,11 +76,19 @@ class Subject:
         self.server.stop()
 
     def fresh(self) -> None:
-        """Stop, wipe the cache, start: cold cache, new process."""
+        """Stop, wipe the cache, start: cold cache, new process.
+
+        Then wait until every server is idle and ``sync``: the previous subject may still be
+        working (distribution stores a cold blob by fetching it again in the background) and the
+        page cache may hold its written bytes (distribution does not fsync); neither must run
+        during, and bill its CPU and disk to, the next subject's measurement.
+        """
         self.stop()
         if self.storage is not None:
             shutil.rmtree(self.storage, ignore_errors=True)
         self.start()
+        wait_quiet(live_pids())
+        os.sync()
 
 
 def upstream(workdir: Path) -> Subject:
