@@ -190,7 +190,14 @@ class S3Driver:
         if path_style is None:
             path_style = bool(endpoint)
         config = BotoConfig(
-            s3={"addressing_style": "path" if path_style else "auto"},
+            s3={
+                "addressing_style": "path" if path_style else "auto",
+                # botocore signs a SHA-256 of every part it uploads over HTTP (and over HTTPS
+                # without a checksum header), on the event loop: a second hash of every cold
+                # byte. Content is verified against its digest when read back (the tier,
+                # `verify`), so the body goes unsigned.
+                "payload_signing_enabled": False,
+            },
             signature_version="s3v4",  # presigned URLs too (botocore presigns with v2 else)
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
