@@ -37,7 +37,7 @@ from proxy.errors import (
     UpstreamStatus,
     UpstreamUnreachable,
 )
-from proxy.upstream import USER_AGENT, Upstream
+from proxy.upstream import RETRY_STATUSES, USER_AGENT, Upstream, error_code
 from storage.base import BlobWriter
 from storage.content import ContentStore
 from storage.errors import DigestMismatch
@@ -390,11 +390,15 @@ class Downloads:
             if resp.status != 401 or attempt:
                 break
             # The first blob of a repository before any token: take up the challenge here.
-            resp.conn.close()
             if not await upstream.authorize(scope, resp.headers.get("WWW-Authenticate", "")):
                 return False
-        if resp.status not in (200, 206) or not resp.plain_body:
-            resp.conn.close()  # Upstream.request asks again and handles it
+        if resp.status not in (200, 206):
+            if resp.status in RETRY_STATUSES or resp.status == 401:
+                return False  # Upstream.request asks again, with back-off, and raises
+            code = error_code(resp.error_body) if resp.error_body is not None else None
+            upstream.raise_for(resp.status, resp.headers, resp.url, code)
+        if not resp.plain_body:
+            resp.conn.close()  # chunked or encoded: left to aiohttp's reader
             return False
         length = resp.content_length
         assert length is not None

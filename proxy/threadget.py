@@ -8,12 +8,13 @@ socket 1 MiB at a time and decrypts straight into the download's buffers (OpenSS
 GIL), and :class:`proxy.rawbody.BodyCopy` then appends, hashes and counts as it does for a
 plain-HTTP body.
 
-Only the happy path lives here: a ``200``/``206`` with a ``Content-Length`` and no transfer or
-content coding, after following redirects (``Authorization`` goes to the upstream's own origin
-only, as in :mod:`proxy.upstream`). Anything else (a ``401`` without a cached token, ``404``,
-``429``, a ``5xx``, chunked framing, a failure to connect) returns None and the caller makes the
-request again through :meth:`proxy.upstream.Upstream.request`, which owns auth challenges,
-retries, back-off and error mapping. Connections whose body was read to its end are kept for the
+What it does is the plain path: redirects followed (``Authorization`` goes to the upstream's own
+origin only, as in :mod:`proxy.upstream`), a body of announced length with no transfer or
+content coding, and error answers read when small. The caller (``proxy.download``) takes up a
+``401`` through :meth:`proxy.upstream.Upstream.authorize` and raises a ``404`` or ``429`` through
+:meth:`proxy.upstream.Upstream.raise_for`; what needs more (a ``5xx`` to retry with back-off,
+chunked framing, a failure to connect) is asked again through
+:meth:`proxy.upstream.Upstream.request`. Connections whose body was read to its end are kept for the
 next blob from the same origin (Docker Hub sends every blob to one CDN host), at most
 ``POOL_PER_ORIGIN`` each for ``POOL_IDLE`` seconds.
 """
@@ -218,6 +219,8 @@ class Response:
     buffered: bytes
     #: Statuses of every response on the way here (redirects included), for the metrics.
     statuses: list[int] = field(default_factory=list)
+    #: The body of an error answer (not 200/206) when small; its connection is then kept.
+    error_body: bytes | None = None
 
     @property
     def content_length(self) -> int | None:
@@ -344,10 +347,13 @@ def get(
         resp.statuses = [*statuses, resp.status]
         statuses = resp.statuses
         location = resp.headers.get("Location")
-        if resp.status not in REDIRECTS or not location:
-            return resp
-        _discard(resp, read_timeout)
-        url = urljoin(url, location)
+        if resp.status in REDIRECTS and location:
+            _read_small(resp, read_timeout)
+            url = urljoin(url, location)
+            continue
+        if resp.status not in (200, 206):
+            resp.error_body = _read_small(resp, read_timeout)
+        return resp
     raise ValueError("too many redirects")
 
 
@@ -405,23 +411,25 @@ def _exchange(conn: Connection, url: str, request: bytes, read_timeout: float) -
     return Response(int(code), headers, url, conn, buffered)
 
 
-def _discard(resp: Response, read_timeout: float) -> None:
-    """Drop a redirect's (small) body and keep its connection; close it otherwise."""
+def _read_small(resp: Response, read_timeout: float) -> bytes | None:
+    """Read a small body (a redirect's, an error's) and keep the connection; None, and the
+    connection closed, when it is large, framed otherwise, or cut."""
     length = resp.content_length
-    if length is None or length > SMALL_BODY or not resp.keep_alive or not resp.plain_body:
+    if length is None or length > SMALL_BODY or not resp.plain_body:
         resp.conn.close()
-        return
-    have = len(resp.buffered)
+        return None
+    body = resp.buffered
     try:
-        while have < length:
-            chunk = resp.conn.read_some(length - have, read_timeout)
+        while len(body) < length:
+            chunk = resp.conn.read_some(length - len(body), read_timeout)
             if not chunk:
                 raise ConnectionResetError("cut")
-            have += len(chunk)
+            body += chunk
     except (OSError, ssl.SSLError):
         resp.conn.close()
-        return
-    if have == length:
+        return None
+    if len(body) == length and resp.keep_alive:
         POOL.give(resp.conn)
     else:
         resp.conn.close()
+    return body[:length]

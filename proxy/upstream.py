@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from yarl import URL
@@ -99,10 +99,22 @@ def parse_retry_after(value: str | None) -> float | None:
 async def _error_code(resp: aiohttp.ClientResponse) -> str | None:
     """The registry error code in an error response body, if any (bounded read)."""
     try:
-        body = await resp.content.read(64 * 1024)
+        body = await resp.content.read(ERROR_BODY_MAX)
+    except (TimeoutError, aiohttp.ClientError):
+        return None
+    return error_code(body)
+
+
+#: Bytes of an error response read for its registry error code.
+ERROR_BODY_MAX = 64 * 1024
+
+
+def error_code(body: bytes) -> str | None:
+    """The code of a registry error body (``{"errors": [{"code": ...}]}``), if any."""
+    try:
         errors = json.loads(body).get("errors") or []
         return str(errors[0].get("code")) if errors else None
-    except (TimeoutError, ValueError, AttributeError, IndexError, aiohttp.ClientError):
+    except (ValueError, AttributeError, IndexError):
         return None
 
 
@@ -379,21 +391,29 @@ class Upstream:
                 self.metrics.ratelimit_remaining.labels(self.name).set(self.ratelimit_remaining)
 
     async def _raise_for(self, resp: aiohttp.ClientResponse, url: URL) -> None:
-        safe_url = str(url.with_query(None))
-        if resp.status == 429:
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        code = None
+        if resp.status != 429 and resp.method != "HEAD":
+            code = await _error_code(resp)
+        self.raise_for(resp.status, resp.headers, url, code)
+
+    def raise_for(
+        self, status: int, headers: Mapping[str, str], url: URL | str, code: str | None
+    ) -> NoReturn:
+        """Raise what an unexpected answer means: a 429 starts the back-off."""
+        safe_url = str(URL(str(url)).with_query(None))
+        if status == 429:
+            retry_after = parse_retry_after(headers.get("Retry-After"))
             wait = retry_after if retry_after is not None else 60.0
             self.backoff_until = max(self.backoff_until, time.monotonic() + wait)
             log.warning("upstream rate limited upstream=%s retry_after=%.0f", self.name, wait)
             raise UpstreamRateLimited(
                 "upstream answered 429", upstream=self.name, url=safe_url, retry_after=retry_after
             )
-        code = await _error_code(resp) if resp.method != "HEAD" else None
         raise UpstreamStatus(
-            f"upstream answered {resp.status}",
+            f"upstream answered {status}",
             upstream=self.name,
             url=safe_url,
-            status=resp.status,
+            status=status,
             code=code,
         )
 

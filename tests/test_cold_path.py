@@ -298,3 +298,25 @@ async def test_tls_token_upstream_blob_before_any_manifest(
         assert [r.status for r in upstream.requests if blob_get(digest)(r)] == [200]
     assert token_registry.issuer.count(scope_contains="repository:library/alpine:pull") == 1
     assert stored_blobs_verify(proxy.storage) == {d: len(image.blobs[d]) for d in (first, *rest)}
+
+
+async def test_blob_errors_are_asked_once_and_answered_as_registry_errors(
+    huge: BigImages, origin: FrontFactory, proxy_factory: ProxyFactory, local_ca: LocalCA
+) -> None:
+    """An unknown blob and a rate limit, over plain HTTP and TLS: one upstream request each,
+    the registry's error to the client, and after a 429 no further request until it is over."""
+    upstream = origin(huge.registry)
+    proxy = proxy_factory(upstream.url, env=local_ca.env())
+    missing = "sha256:" + "0" * 64
+    got = await request(f"{proxy.url}/v2/library/huge/blobs/{missing}")
+    assert got.status == 404 and got.registry_error() == "BLOB_UNKNOWN", got
+    assert upstream.count("GET", f"/blobs/{missing}") == 1
+
+    digest, _ = huge.layer("library/huge:1")
+    limited = Status(429, {"Retry-After": "60"}, b'{"errors":[{"code":"TOOMANYREQUESTS"}]}')
+    upstream.add_fault(blob_get(digest), limited, times=100)
+    for _ in range(2):
+        got = await request(f"{proxy.url}/v2/library/huge/blobs/{digest}")
+        assert got.status == 429 and got.registry_error() == "TOOMANYREQUESTS", got
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+    assert not blob_file(proxy, digest).exists()
