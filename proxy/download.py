@@ -248,7 +248,10 @@ class Downloads:
         resumes = 0  # consecutive attempts that brought no new byte
         progress = -1
         while True:
-            headers = {"Range": f"bytes={dl.written}-"} if dl.written else {}
+            # The blob's own bytes: a content-coded answer would never match its digest.
+            headers = {"Accept-Encoding": "identity"}
+            if dl.written:
+                headers["Range"] = f"bytes={dl.written}-"
             try:
                 if not await self._fetch_in_thread(dl, path, scope, headers):
                     async with upstream.request(

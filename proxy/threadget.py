@@ -373,9 +373,10 @@ def _request(
         f"GET {target} HTTP/1.1",
         f"Host: {name if port == (443 if scheme == 'https' else 80) else f'{name}:{port}'}",
         f"User-Agent: {user_agent}",
-        "Accept-Encoding: identity",
     ]
     lines += [f"{k}: {v}" for k, v in headers.items()]
+    if not any(k.lower() == "accept-encoding" for k in headers):
+        lines.append("Accept-Encoding: identity")
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     kept = POOL.take(origin)
     if kept is not None:
