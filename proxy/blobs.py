@@ -152,6 +152,8 @@ class BlobService:
         if head:
             return await self._head_upstream(upstream, repository, digest)
         dl = self.download(upstream, repository, digest)
+        # Found verified and being made durable: every byte is on this disk already.
+        cache = Cache.HIT if dl.verified else Cache.MISS
         try:
             await dl.started
         except UpstreamError as exc:
@@ -163,8 +165,6 @@ class BlobService:
             # A range of a blob still downloading: wait for the verified whole, then serve it.
             await self._wait_done(dl)
             return await self.serve(request, upstream, repository, digest)
-        # Verified and being made durable: every byte is on this disk already.
-        cache = Cache.HIT if dl.verified else Cache.MISS
         return await stream_download(request, dl, digest, self.store, cache=cache)
 
     async def _serve_stored(

@@ -291,19 +291,9 @@ class Downloads:
     async def _read_body(self, dl: Download, resp: aiohttp.ClientResponse, skip: int) -> None:
         """Append the response's body (but its first ``skip`` bytes) to the download."""
         upstream = dl.upstream
-        count = self._counter(dl)
         counter = (
             None if self.metrics is None else self.metrics.upstream_bytes.labels(upstream.name)
         )
-        taken = rawbody.take(resp) if not skip and isinstance(dl.writer, SpoolWriter) else None
-        if taken is not None:
-            took_socket = taken.source is not None
-            try:
-                await self._copy_taken(dl, taken, count)
-            finally:
-                if took_socket:
-                    resp.close()  # aiohttp's parser did not see the body: never reuse it
-            return
         spool = _Spool(dl)
         try:
             async for chunk in _chunks(resp.content):
@@ -359,13 +349,12 @@ class Downloads:
     async def _fetch_in_thread(
         self, dl: Download, path: str, scope: str, headers: dict[str, str]
     ) -> bool:
-        """GET the blob from an HTTPS upstream on a worker thread's connection
-        (``proxy.threadget``); False when the caller must make the request through aiohttp."""
+        """GET the blob on a worker thread's connection (``proxy.threadget``); False when the
+        caller must make the request through aiohttp (a 5xx to retry with back-off, a chunked
+        body, no thread free)."""
         upstream = dl.upstream
-        if (
-            upstream.base.scheme != "https"
-            or not rawbody.has_free_thread()
-            or (dl.writer is not None and not isinstance(dl.writer, SpoolWriter))
+        if not rawbody.has_free_thread() or (
+            dl.writer is not None and not isinstance(dl.writer, SpoolWriter)
         ):
             return False
         upstream.check_backoff()
@@ -607,9 +596,7 @@ async def _chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         try:
             chunk, _ = await stream.readchunk()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-            for chunk in rawbody.drain(stream):
-                yield chunk
-            raise
+            raise  # the bytes aiohttp held past the last chunk are fetched again on resume
         if chunk:
             yield chunk
         elif stream.at_eof():

@@ -1,25 +1,20 @@
-"""A plain-HTTP upstream body read straight from the socket by a worker thread, into the spool.
+"""A blob body copied into the spool by worker threads, off the event loop.
 
-On a cold blob from a plain-HTTP upstream (a registry or another regproxy in the same cluster) the
-proxy's own work is all there is, and aiohttp's way costs most of it: every ~250 KB the event loop
-runs the HTTP parser, which copies the body into a new ``bytes``, feeds a stream reader, and wakes
-the download task. Once the headers are parsed, the body of a ``Content-Length`` response is
-nothing but bytes on the socket, so :func:`take` hands them to a thread that ``readv``\\s them into
-reused 1 MiB buffers (up to eight per download) and appends each to the spool, while a second
-thread hashes the filled buffers behind it (``SpoolWriter.append(..., hash_later=True)`` and
-``SpoolWriter.hash``; all three release the GIL). The event loop only counts the bytes that are in
-the file (one wake-up at a time) and wakes followers. Memory stays at most eight buffers per
-download.
+On a cold blob the proxy's own work is all there is, and aiohttp's way costs most of it: every
+~250 KB the event loop runs the HTTP parser, which copies the body into a new ``bytes``, feeds a
+stream reader and wakes the download task; over TLS it decrypts every byte first. So the blob GET
+is made on a connection a worker thread owns (``proxy.threadget``), and :class:`BodyCopy` reads
+the body from it (a :class:`Source`: ``readv`` on plain TCP, decryption straight into the buffer
+over TLS) into reused 1 MiB buffers (up to eight per download) and appends each to the spool,
+while a second thread hashes the filled buffers behind it (``SpoolWriter.append(...,
+hash_later=True)`` and ``SpoolWriter.hash``; all of them release the GIL). The event loop only
+counts the bytes that are in the file (one wake-up at a time) and wakes followers. Memory stays
+at most eight buffers per download.
 
-When it is used: plain TCP (TLS decrypts in user space, in the transport), a ``Content-Length``
-of at least ``MIN_BODY`` still to come, no transfer or content coding, and a free worker.
-Otherwise the caller reads through aiohttp.
-
-The connection is closed afterwards, never reused: aiohttp's parser still believes the body is
-unread (so small bodies, whose connections are worth keeping warm, are left to aiohttp). A
-connection that ends early raises :class:`ConnectionResetError` (the caller resumes with ``Range``
-from the last byte counted); silence for ``read_timeout`` raises :class:`TimeoutError`. Nothing
-here decides what is committed: the writer still verifies size and digest.
+A connection that ends early raises :class:`ConnectionResetError` (the caller resumes with
+``Range`` from the last byte counted); silence for ``read_timeout`` raises
+:class:`TimeoutError`. Nothing here decides what is committed: the writer still verifies size
+and digest.
 """
 
 from __future__ import annotations
@@ -27,15 +22,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import os
 import queue
 import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
-
-import aiohttp
 
 from storage.writer import SpoolWriter
 
@@ -45,14 +38,14 @@ from storage.writer import SpoolWriter
 #: machine that four did not (A/B: 417 -> 534 MB/s on a cold 512 MiB blob).
 BUFFER = 1024 * 1024
 BUFFERS = 8
-#: Smaller bodies are read through aiohttp: their connection goes back to the pool (a taken
-#: one is closed), which is worth more than the thread for a few MiB.
-MIN_BODY = 4 * 1024 * 1024
 #: Downloads read this way at once; more fall back to aiohttp's reader (each holds a thread).
 MAX_THREADS = 32
-#: A partly filled buffer is appended when the socket runs dry only once it holds this much (or
-#: when nothing more came for a poll interval): fewer, larger appends and wake-ups.
+#: A partly filled buffer is appended when the socket runs dry only once it holds this much, or
+#: ``FLUSH_AFTER`` seconds after the last append (a slow upstream's bytes still reach clients
+#: and the console promptly), or when nothing more came for a poll interval: fewer, larger
+#: appends and wake-ups.
 FLUSH_MIN = 256 * 1024
+FLUSH_AFTER = 0.05
 #: How often a waiting thread looks whether it was told to stop.
 POLL_MS = 200
 
@@ -79,22 +72,6 @@ class Source(Protocol):
         """Done with it (``complete``: the body was read exactly to its end)."""
 
 
-class SocketSource:
-    """A duplicate of aiohttp's socket fd, read as it is (plain TCP)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def readinto(self, view: memoryview) -> int:
-        return os.readv(self.fd, [view])
-
-    def finish(self, complete: bool) -> None:
-        os.close(self.fd)  # never reused: aiohttp's parser did not see the body
-
-
 @dataclass
 class Taken:
     """A response body: what had been read with the head, then ``remaining`` bytes from
@@ -113,53 +90,6 @@ class Taken:
 
 def has_free_thread() -> bool:
     return _busy < MAX_THREADS
-
-
-def take(resp: aiohttp.ClientResponse) -> Taken | None:
-    """Take the rest of ``resp``'s body off aiohttp, or None when it must be read through it."""
-    conn = resp.connection
-    if _busy >= MAX_THREADS or conn is None or conn.protocol is None:
-        return None
-    transport = conn.transport
-    length = resp.content_length
-    if (
-        transport is None
-        or length is None
-        or transport.get_extra_info("sslcontext") is not None
-        or transport.get_extra_info("ssl_object") is not None
-        or resp.headers.get("Transfer-Encoding")
-        or resp.headers.get("Content-Encoding", "identity").lower() != "identity"
-    ):
-        return None
-    sock = transport.get_extra_info("socket")
-    stream = resp.content
-    if sock is None or length - stream.total_bytes < MIN_BODY:
-        return None
-    buffered = drain(stream)
-    remaining = length - stream.total_bytes
-    if stream.exception() is not None:
-        return Taken(buffered, None, max(0, remaining))  # cut already: resume after what came
-    if remaining <= 0 or stream.at_eof() or resp.connection is None:
-        return Taken(buffered, None, max(0, remaining))  # aiohttp had read it all (or the end)
-    # No await since the drain: nothing else was read from the socket. From here on, nothing is.
-    conn.protocol.pause_reading()
-    return Taken(buffered, SocketSource(os.dup(sock.fileno())), remaining)
-
-
-def drain(stream: aiohttp.StreamReader) -> list[bytes]:
-    """Every byte aiohttp holds for the body now, even after the connection broke.
-
-    aiohttp's public reads raise a connection's failure before returning the bytes that arrived
-    before it; those are good (a resume starts after them), so they are taken directly. Each
-    drain below the reader's low-water mark resumes the parser, which may feed bytes it held back
-    into the buffer again: loop until nothing comes.
-    """
-    chunks: list[bytes] = []
-    while True:
-        data = stream._read_nowait(-1)  # the bytes before a failure, see above
-        if not data:
-            return chunks
-        chunks.append(data)
 
 
 class BodyCopy:
@@ -233,6 +163,7 @@ class BodyCopy:
         poller = select.poll()
         poller.register(source.fileno(), select.POLLIN | select.POLLPRI)
         idle_ms = 0
+        appended_at = time.monotonic()
         limit_ms = None if not self.read_timeout else int(self.read_timeout * 1000)
         try:
             while remaining > 0:
@@ -248,7 +179,9 @@ class BodyCopy:
                     try:
                         n = source.readinto(view[filled:want])
                     except BlockingIOError:
-                        if filled >= FLUSH_MIN:
+                        if filled >= FLUSH_MIN or (
+                            filled and time.monotonic() - appended_at >= FLUSH_AFTER
+                        ):
                             break  # append what came; the rest follows
                         if poller.poll(POLL_MS):
                             idle_ms = 0
@@ -267,6 +200,7 @@ class BodyCopy:
                         continue
                     filled += n
                 if filled:  # what came before a break is good: a resume starts after it
+                    appended_at = time.monotonic()
                     self.writer.append((view[:filled],), hash_later=True)
                     full.put((view, filled))
                     remaining -= filled

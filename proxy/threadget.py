@@ -1,12 +1,12 @@
-"""A blob GET from an HTTPS upstream on a connection that a worker thread owns.
+"""A blob GET on a connection that a worker thread owns, so that its body never crosses the loop.
 
-Over TLS the event loop decrypts every byte of a cold blob (uvloop's SSL reads the socket into a
-memory BIO, decrypts into a new ``bytes``, and aiohttp parses, copies and queues it): on the
-benchmark's 2 cores that left regproxy at 0.8x distribution's cold throughput from a TLS upstream.
-Here a worker thread makes the request itself over ``ssl.SSLObject`` and memory BIOs: it reads the
-socket 1 MiB at a time and decrypts straight into the download's buffers (OpenSSL releases the
-GIL), and :class:`proxy.rawbody.BodyCopy` then appends, hashes and counts as it does for a
-plain-HTTP body.
+Through aiohttp the event loop handles every byte of a cold blob: it parses the body into new
+``bytes`` objects, queues them and wakes the download task for each; over TLS, uvloop's SSL reads
+the socket into a memory BIO and decrypts on the loop too (on the benchmark's 2 cores that left
+regproxy at 0.8x distribution's cold throughput from a TLS upstream). Here a worker thread makes
+the request itself, over ``ssl.SSLObject`` and memory BIOs for HTTPS: it reads the socket 1 MiB
+at a time and decrypts straight into the download's buffers (OpenSSL releases the GIL), and
+:class:`proxy.rawbody.BodyCopy` appends, hashes and counts.
 
 What it does is the plain path: redirects followed (``Authorization`` goes to the upstream's own
 origin only, as in :mod:`proxy.upstream`), a body of announced length with no transfer or

@@ -1,10 +1,11 @@
-"""Cold blobs large enough to be read straight from the upstream socket (``proxy/rawbody.py``).
+"""Cold blobs read by worker threads on their own upstream connections (``proxy/threadget.py``,
+``proxy/rawbody.py``).
 
-A plain-HTTP body of at least ``rawbody.MIN_BODY`` is read by a worker thread rather than through
-aiohttp; these tests hold that path to the same rules as every other: a wrong or short body
-reaches no client whole and is never cached, a cut one resumes from the last byte that arrived,
-and concurrent clients share the one download. (Smaller blobs, read through aiohttp, are covered
-by ``test_faults.py`` and ``test_read_path.py``.)
+Every blob GET is made by a thread rather than through aiohttp; these tests hold that path to
+the same rules as every other: a wrong or short body reaches no client whole and is never cached,
+a cut one resumes from the last byte that arrived, concurrent clients share the one download, an
+error answer costs one upstream request. (``test_faults.py`` and ``test_read_path.py`` hold
+every blob size to them too.)
 
 The tests with an ``origin`` run twice (``scheme``): against a plain-HTTP Front and against a
 TLS one (a certificate of ``local_ca``, which the proxy trusts through ``SSL_CERT_FILE``), so that
@@ -13,7 +14,7 @@ on the upstream's connections included::
 
     proxy --http or https--> Front (faults, counts) --http--> docker-registry
 
-The last two are about TLS upstreams only: a certificate the proxy does not trust fails the
+The last ones are about TLS upstreams only: a certificate the proxy does not trust fails the
 client, and a blob redirected to a CDN on another origin (as Docker Hub does) is fetched there
 without the registry's credentials.
 """
@@ -27,7 +28,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import rawbody
 from tests.harness.front import CutAfter, FlipByte, Front, RedirectTo, Req, Status, WrongLength
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
@@ -56,7 +56,7 @@ SIZE = 12 * MiB
 @pytest.fixture(scope="module")
 def huge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigImages]:
     """A module-wide registry (read-only) with a single-layer image of ~12 MiB, and one whose
-    layers are 6 MiB, 5 MiB (both above ``MIN_BODY``) and 16 KiB."""
+    layers are 6 MiB, 5 MiB and 16 KiB."""
     reg = start_registry(tmp_path_factory.mktemp("cold-path-registry"))
     try:
         one = ("linux/amd64",)
@@ -97,10 +97,6 @@ async def committed(proxy: ProxyProcess, digest: str) -> bool:
     """Wait (bounded) for the blob's file: the verified last byte goes out to clients before the
     fsync and rename that publish it (``SpoolWriter.commit``)."""
     return await eventually(lambda: blob_file(proxy, digest).exists(), within=10)
-
-
-def test_the_blob_is_read_from_the_socket() -> None:
-    assert SIZE - 2 * MiB > rawbody.MIN_BODY  # even the resumes below take the socket path
 
 
 @pytest.mark.parametrize(
