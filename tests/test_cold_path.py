@@ -172,8 +172,7 @@ async def test_several_cold_blobs_from_one_upstream_arrive_intact(
     (huge_child,) = huge_image.children.values()
     (child,) = layers.children.values()
     blobs = {**huge_image.blobs, **layers.blobs}
-    # Bodies read off the socket alternate with small ones read through aiohttp, on the
-    # connections the upstream client keeps (or closes) between them.
+    # Large and small bodies alternate on the connections the threads keep between them.
     order = [
         huge_child.layers[0],
         huge_child.config_digest,
@@ -316,3 +315,25 @@ async def test_blob_errors_are_asked_once_and_answered_as_registry_errors(
         assert got.status == 429 and got.registry_error() == "TOOMANYREQUESTS", got
     assert upstream.count("GET", f"/blobs/{digest}") == 1
     assert not blob_file(proxy, digest).exists()
+
+
+async def test_a_kept_connection_the_upstream_closed_is_not_used_again(
+    huge: BigImages, origin: FrontFactory, proxy_factory: ProxyFactory, local_ca: LocalCA
+) -> None:
+    """The upstream closes idle connections after 0.2 s (as CDNs do, later): the connection kept
+    from the first blob is dead by the second, which still costs one request and arrives whole."""
+    layers = huge.images["library/layers:1"]
+    (child,) = layers.children.values()
+    first, second = child.layers[0], child.layers[1]
+    upstream = origin(huge.registry)
+    upstream.stop()
+    upstream.keepalive_timeout = 0.2
+    upstream.start()
+    proxy = proxy_factory(upstream.url, env=local_ca.env())
+    base = f"{proxy.url}/v2/library/layers/blobs"
+    got = await request(f"{base}/{first}")
+    assert (got.status, got.error, got.body) == (200, None, layers.blobs[first]), got
+    await asyncio.sleep(0.6)
+    got = await request(f"{base}/{second}")
+    assert (got.status, got.error, got.body) == (200, None, layers.blobs[second]), got
+    assert upstream.count("GET", f"/blobs/{second}") == 1

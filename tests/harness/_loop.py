@@ -66,6 +66,8 @@ class BackgroundServer:
     #: Seconds aiohttp waits for in-flight handlers on shutdown; handlers that stall on purpose
     #: (fault injection) are cancelled after this.
     shutdown_timeout = 1.0
+    #: Seconds an idle keep-alive connection is kept open (aiohttp's default).
+    keepalive_timeout = 75.0
 
     def __init__(
         self, name: str, port: int = 0, *, ssl_context: ssl.SSLContext | None = None
@@ -104,7 +106,10 @@ class BackgroundServer:
     async def _start(self) -> None:
         await self._on_startup()
         runner = web.AppRunner(
-            self._make_app(), shutdown_timeout=self.shutdown_timeout, access_log=None
+            self._make_app(),
+            shutdown_timeout=self.shutdown_timeout,
+            keepalive_timeout=self.keepalive_timeout,
+            access_log=None,
         )
         await runner.setup()
         site = web.TCPSite(
