@@ -47,7 +47,7 @@ MAX_REDIRECTS = 5
 POOL_PER_ORIGIN = 8
 POOL_IDLE = 30.0
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-#: Redirect bodies up to this size are read and dropped (keeping the connection); larger ones
+#: Redirect and error bodies up to this size are read (keeping the connection); larger ones
 #: close it.
 SMALL_BODY = 64 * 1024
 
