@@ -352,11 +352,19 @@ class Downloads:
         """GET the blob on a worker thread's connection (``proxy.threadget``); False when the
         caller must make the request through aiohttp (a 5xx to retry with back-off, a chunked
         body, no thread free)."""
-        upstream = dl.upstream
-        if not rawbody.has_free_thread() or (
-            dl.writer is not None and not isinstance(dl.writer, SpoolWriter)
-        ):
+        if dl.writer is not None and not isinstance(dl.writer, SpoolWriter):
             return False
+        if not rawbody.claim():
+            return False
+        try:
+            return await self._fetch_claimed(dl, path, scope, headers)
+        finally:
+            rawbody.release()
+
+    async def _fetch_claimed(
+        self, dl: Download, path: str, scope: str, headers: dict[str, str]
+    ) -> bool:
+        upstream = dl.upstream
         upstream.check_backoff()
         config = upstream.config
         for attempt in range(2):

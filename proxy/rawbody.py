@@ -38,7 +38,7 @@ from storage.writer import SpoolWriter
 #: machine that four did not (A/B: 417 -> 534 MB/s on a cold 512 MiB blob).
 BUFFER = 1024 * 1024
 BUFFERS = 8
-#: Downloads read this way at once; more fall back to aiohttp's reader (each holds a thread).
+#: Downloads read this way at once (see :func:`claim`); more are read through aiohttp.
 MAX_THREADS = 32
 #: A partly filled buffer is appended when the socket runs dry only once it holds this much, or
 #: ``FLUSH_AFTER`` seconds after the last append (a slow upstream's bytes still reach clients
@@ -88,8 +88,19 @@ class Taken:
         return sum(len(c) for c in self.buffered) + self.remaining
 
 
-def has_free_thread() -> bool:
-    return _busy < MAX_THREADS
+def claim() -> bool:
+    """Take one of the ``MAX_THREADS`` copy slots (on the event loop); False when none is free.
+    Held from the request to the end of the copy, so that no copy ever waits for a thread."""
+    global _busy
+    if _busy >= MAX_THREADS:
+        return False
+    _busy += 1
+    return True
+
+
+def release() -> None:
+    global _busy
+    _busy -= 1
 
 
 class BodyCopy:
@@ -122,9 +133,7 @@ class BodyCopy:
 
         Whatever was appended before a failure has been counted when this returns or raises.
         """
-        global _busy
         source, self.taken.source = self.taken.source, None
-        _busy += 1
         try:
             if self.taken.buffered:
                 await self.writer.write_chunks(self.taken.buffered)
@@ -142,7 +151,6 @@ class BodyCopy:
                 self._stop.set()
                 await self._drain()
         finally:
-            _busy -= 1
             if source is not None:
                 source.finish(False)
 
