@@ -96,6 +96,10 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+#: Bytes of an error response read for its registry error code.
+ERROR_BODY_MAX = 64 * 1024
+
+
 async def _error_code(resp: aiohttp.ClientResponse) -> str | None:
     """The registry error code in an error response body, if any (bounded read)."""
     try:
@@ -103,10 +107,6 @@ async def _error_code(resp: aiohttp.ClientResponse) -> str | None:
     except (TimeoutError, aiohttp.ClientError):
         return None
     return error_code(body)
-
-
-#: Bytes of an error response read for its registry error code.
-ERROR_BODY_MAX = 64 * 1024
 
 
 def error_code(body: bytes) -> str | None:
@@ -187,9 +187,6 @@ class Upstream:
 
     def auth_header(self, scope: str) -> str | None:
         """The ``Authorization`` a request for ``scope`` would carry now (None: none known)."""
-        return self._auth_header(scope)
-
-    def _auth_header(self, scope: str) -> str | None:
         if self._challenge is None:
             return None
         if self._challenge.scheme == "basic":
@@ -315,7 +312,7 @@ class Upstream:
         retried_auth = False
         while True:
             hdrs = dict(headers)
-            auth = self._auth_header(scope)
+            auth = self.auth_header(scope)
             if auth:
                 hdrs["Authorization"] = auth
             resp = await self._follow(method, url, hdrs)
