@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import load, seed, servers
-from bench.procs import Server
+from bench.procs import Server, free_port
 from bench.report import Figure, Target
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def _hex(digest: str) -> str:
 def distribution_s3(workdir: Path, remote: str, store: Store) -> S3Subject:
     d = workdir / "distribution-s3"
     d.mkdir(parents=True, exist_ok=True)
-    port = servers.free_port()
+    port = free_port()
     config: dict[str, Any] = servers._registry_config(d / "unused", port, remote)
     config["storage"] = {
         "s3": {
@@ -210,7 +210,7 @@ def regproxy_s3(
 ) -> S3Subject:
     d = workdir / "regproxy-s3"
     d.mkdir(parents=True, exist_ok=True)
-    port = servers.free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REGPROXY_", "AWS_"))}
     env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     env["PYTHONPATH"] = os.pathsep.join(

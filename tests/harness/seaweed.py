@@ -137,7 +137,20 @@ class Ports:
             if port not in taken:
                 taken.add(port)
                 others.append(port)
-        return cls(*others, admin=admin, admin_grpc=admin_grpc)
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, webdav = others
+        return cls(
+            master=master,
+            master_grpc=master_grpc,
+            volume=volume,
+            volume_grpc=volume_grpc,
+            filer=filer,
+            filer_grpc=filer_grpc,
+            s3=s3,
+            s3_grpc=s3_grpc,
+            webdav=webdav,
+            admin=admin,
+            admin_grpc=admin_grpc,
+        )
 
 
 class SeaweedS3:
