@@ -242,6 +242,14 @@ class Response:
     def keep_alive(self) -> bool:
         return "close" not in self.headers.get("Connection", "").lower()
 
+    def release(self, complete: bool) -> None:
+        """Done with the connection: kept for the next GET when the body was read exactly to
+        its end (``complete``) and the server keeps it open, closed otherwise."""
+        if complete and self.keep_alive:
+            POOL.give(self.conn)
+        else:
+            self.conn.close()
+
 
 class BodySource:
     """The body of a :class:`Response` as a ``proxy.rawbody.Source``: its connection is kept
@@ -257,10 +265,7 @@ class BodySource:
         return self.resp.conn.readinto(view)
 
     def finish(self, complete: bool) -> None:
-        if complete and self.resp.keep_alive:
-            POOL.give(self.resp.conn)
-        else:
-            self.resp.conn.close()
+        self.resp.release(complete)
 
 
 class Pool:
@@ -429,8 +434,5 @@ def _read_small(resp: Response, read_timeout: float) -> bytes | None:
     except (OSError, ssl.SSLError):
         resp.conn.close()
         return None
-    if len(body) == length and resp.keep_alive:
-        POOL.give(resp.conn)
-    else:
-        resp.conn.close()
+    resp.release(len(body) == length)
     return body[:length]

@@ -213,7 +213,7 @@ class Upstream:
         url = URL(realm).update_query(query)
         try:
             async with self.session.get(url, headers=headers, allow_redirects=True) as resp:
-                self._count("GET", str(resp.status))
+                self.count("GET", str(resp.status))
                 if resp.status != 200:
                     raise UpstreamStatus(
                         f"token request failed with {resp.status}",
@@ -273,7 +273,7 @@ class Upstream:
                 continue
             break
         try:
-            self._observe(resp)
+            self.observe(resp.headers)
             if resp.status not in expect:
                 await self._raise_for(resp, url)
             yield resp
@@ -352,9 +352,9 @@ class Upstream:
             try:
                 resp = await self.session.request(method, url, headers=hdrs, allow_redirects=False)
             except BaseException:
-                self._count(method, "error")
+                self.count(method, "error")
                 raise
-            self._count(method, str(resp.status))
+            self.count(method, str(resp.status))
             if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
             url = url.join(URL(resp.headers["Location"]))
@@ -363,16 +363,10 @@ class Upstream:
                 method = "GET"
         raise UpstreamStatus("too many redirects", upstream=self.name, url=str(url), status=508)
 
-    def _count(self, method: str, status: str) -> None:
+    def count(self, method: str, status: str) -> None:
+        """Count one upstream request by its answer (also those of ``proxy.threadget``)."""
         if self.metrics is not None:
             self.metrics.upstream_requests.labels(self.name, method, status).inc()
-
-    def count(self, method: str, status: str) -> None:
-        """Count a request made outside :meth:`request` (``proxy.threadget``)."""
-        self._count(method, status)
-
-    def _observe(self, resp: aiohttp.ClientResponse) -> None:
-        self.observe(resp.headers)
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Note Docker Hub's rate-limit headers of a response."""

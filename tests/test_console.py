@@ -295,13 +295,13 @@ async def test_downloads_in_flight_and_upstream_rate_limit(
         assert status == 200 and body == redis.blobs[big]
     finally:
         client.cancel()
+
     # The client has its verified last byte a moment before the blob is fsynced and renamed:
     # the download is listed until then.
-    for _ in range(100):
-        if (await api(proxy, "summary"))["downloads"] == []:
-            break
-        await asyncio.sleep(0.05)
-    assert (await api(proxy, "summary"))["downloads"] == []
+    async def listed_none() -> bool:
+        return bool((await api(proxy, "summary"))["downloads"] == [])
+
+    assert await wait_for(listed_none, within=5)
 
     upstream.add_fault(manifest("5.7", "GET"), too_many_requests(retry_after=120), times=10)
     upstream.add_fault(manifest("5.7", "HEAD"), too_many_requests(retry_after=120), times=10)
