@@ -158,6 +158,11 @@ class ContentStore:
         with self._counted():
             return await self.driver.url_for(content_key("blobs", digest), expires)
 
+    def observed(self, op: str, status: str, seconds: float) -> None:
+        """Count a request to the store made past the driver (a GET of a presigned URL)."""
+        if self.driver.on_request is not None:
+            self.driver.on_request(op, status, seconds)
+
     async def delete_blob(self, digest: str) -> bool:
         with self._counted():
             return await self.driver.delete(content_key("blobs", digest))

@@ -13,7 +13,8 @@ uploads aborted. Uploads older than a day under the prefix (a lost work dir) are
 bucket lifecycle rule for incomplete multipart uploads is the backstop (README).
 
 Verified blobs are kept in the local read tier (:mod:`storage.tier`) so warm reads are sendfile from
-the local disk; a blob not in the tier is read from the bucket (Range supported).
+the local disk; a blob not in the tier is read from the bucket (Range supported), or by the caller
+from a presigned URL (``url_for``; ``proxy.download`` fills the tier that way).
 
 Everything the object store does wrong becomes :class:`storage.errors.StorageError` at this
 boundary: ``botocore`` client errors, connection errors and timeouts alike.

@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 
 from storage.s3 import DOWN_FOR
-from tests.harness.front import Fault, Front, Stall
+from tests.harness.front import Fault, Front, Req, Stall, all_of, path_contains
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import Registry
 from tests.harness.s3front import (
+    CutAfter,
     DropAfterBody,
     S3Front,
     complete_upload,
+    get_object,
     put_object,
     s3_error,
     upload_part,
@@ -139,3 +141,113 @@ async def test_slow_store_still_streams_the_cold_blob(
     await stored(seaweed, bucket, digest)
     assert store.count() >= 3  # create, parts, complete all went through the slow store
     assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+def presigned(req: Req) -> bool:
+    """A GET of a presigned URL: the signature rides in the query, no Authorization header."""
+    return "X-Amz-Signature=" in req.query and "Authorization" not in req.headers
+
+
+async def bucket_only(
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    tmp_path: Path,
+    name: str,
+    sizes: tuple[int, ...],
+) -> tuple[Front, str, dict[str, bytes]]:
+    """Blobs pulled into a bucket by one replica: (upstream front, bucket, blobs by digest)."""
+    image = seed_image(registry, name, "1", platforms=("linux/amd64",), layer_sizes=sizes)
+    layers = image.child("linux/amd64").layers
+    upstream = front(registry)
+    bucket = seaweed.bucket()
+    first = s3_proxy(proxy_factory, seaweed, bucket, upstream.url, tmp_path / "w1")
+    for digest in layers:
+        status, _, body = await fetch(f"{first.url}/v2/{name}/blobs/{digest}")
+        assert status == 200 and body == image.blobs[digest]
+    await stored(seaweed, bucket, *layers)
+    first.stop()
+    upstream.reset()
+    return upstream, bucket, {d: image.blobs[d] for d in layers}
+
+
+async def test_blob_in_the_bucket_only_comes_from_a_presigned_url_and_resumes(
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    s3_front: Callable[[], S3Front],
+    tmp_path: Path,
+) -> None:
+    upstream, bucket, blobs = await bucket_only(
+        registry, front, proxy_factory, seaweed, tmp_path, "library/bucketonly", (12 * MiB,)
+    )
+    [(digest, data)] = blobs.items()
+    store = s3_front()
+    # a new replica (empty work dir); the store cuts its first read after 3 MiB
+    store.add_fault(all_of(get_object, path_contains(blob_key(digest))), CutAfter(3 * MiB))
+    proxy = s3_proxy(
+        proxy_factory,
+        seaweed,
+        bucket,
+        upstream.url,
+        tmp_path / "w2",
+        env={"AWS_ENDPOINT_URL": store.url},
+    )
+    url = f"{proxy.url}/v2/library/bucketonly/blobs/{digest}"
+    status, _, body = await fetch(url)
+    assert status == 200 and body == data
+    reads = [r for r in store.requests if get_object(r) and blob_key(digest) in r.path]
+    # read on a worker thread from a presigned URL, then the rest through the S3 API from the
+    # exact byte the cut left off
+    assert [presigned(r) for r in reads] == [True, False]
+    assert "Range" not in reads[0].headers
+    assert reads[1].headers["Range"] == f"bytes={3 * MiB}-"
+    assert upstream.count() == 0
+    # verified into the local tier: the next read asks neither the store nor upstream
+    store.reset()
+    status, headers, body = await fetch(url)
+    assert status == 200 and body == data and headers["X-Cache"] == "HIT"
+    assert store.count(match=get_object) == 0 and upstream.count() == 0
+    metrics = (await fetch(f"{proxy.url}/metrics"))[2].decode()
+    assert 'regproxy_storage_requests_total{op="read",status="ok"} 2.0' in metrics
+
+
+async def test_refused_presigned_read_falls_back_to_the_s3_api_for_good(
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    s3_front: Callable[[], S3Front],
+    tmp_path: Path,
+) -> None:
+    upstream, bucket, blobs = await bucket_only(
+        registry,
+        front,
+        proxy_factory,
+        seaweed,
+        tmp_path,
+        "library/nopresign",
+        (3 * MiB, 2 * MiB),
+    )
+    store = s3_front()
+    # a store (or a proxy before it) that refuses presigned requests
+    store.add_fault(all_of(get_object, presigned), s3_error(403), times=100)
+    proxy = s3_proxy(
+        proxy_factory,
+        seaweed,
+        bucket,
+        upstream.url,
+        tmp_path / "w2",
+        env={"AWS_ENDPOINT_URL": store.url},
+    )
+    for digest, data in blobs.items():
+        status, _, body = await fetch(f"{proxy.url}/v2/library/nopresign/blobs/{digest}")
+        assert status == 200 and body == data
+    keys = {blob_key(d) for d in blobs}
+    reads = [r for r in store.requests if get_object(r) and any(k in r.path for k in keys)]
+    # the first blob: refused, then the S3 API; the second: the S3 API at once
+    assert [presigned(r) for r in reads] == [True, False, False]
+    assert [r.status for r in reads] == [403, 200, 200]
+    assert upstream.count() == 0
