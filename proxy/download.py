@@ -363,8 +363,10 @@ class Downloads:
     ) -> bool:
         """GET the blob on a worker thread's connection (``proxy.threadget``); False when the
         caller must make the request through aiohttp (a 5xx to retry with back-off, a chunked
-        body, no thread free)."""
+        body, no thread free, an upstream reached through a proxy)."""
         if dl.writer is not None and not isinstance(dl.writer, SpoolWriter):
+            return False
+        if threadget.env_proxy(str(dl.upstream.url_for(path))) is not None:
             return False
         if not rawbody.claim():
             return False
@@ -510,13 +512,14 @@ class Downloads:
         Through the S3 client (aiohttp on the event loop) a 1 GiB blob held in the bucket only
         came at a third of distribution's speed. This stops short, leaving the rest to
         :meth:`storage.content.ContentStore.read_blob`, when the store has no URLs, no copy
-        slot is free, or the GET fails or breaks; the tier writer verifies the digest either way.
+        slot is free, the store is reached through a proxy, or the GET fails or breaks; the
+        tier writer verifies the digest either way.
         """
         if not self.presigned_reads or not rawbody.claim():
             return
         try:
             url = await self.store.blob_url(dl.digest, STORE_URL_EXPIRY)
-            if url is None:
+            if url is None or threadget.env_proxy(url) is not None:
                 return
             started = time.perf_counter()
             try:

@@ -10,7 +10,10 @@ at a time and decrypts straight into the download's buffers (OpenSSL releases th
 
 What it does is the plain path: redirects followed (``Authorization`` goes to the upstream's own
 origin only, as in :mod:`proxy.upstream`), a body of announced length with no transfer or
-content coding, and error answers read when small. The caller (``proxy.download``) takes up a
+content coding, and error answers read when small, over a direct connection: a URL the
+environment sends through a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``: :func:`env_proxy`)
+raises :class:`ProxyRequired`, and the caller asks through aiohttp, which
+:mod:`proxy.upstream` points at that proxy. The caller (``proxy.download``) takes up a
 ``401`` through :meth:`proxy.upstream.Upstream.authorize` and raises a ``404`` or ``429`` through
 :meth:`proxy.upstream.Upstream.raise_for`; what needs more (a ``5xx`` to retry with back-off,
 chunked framing, a failure to connect) is asked again through
@@ -32,6 +35,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
@@ -65,6 +69,20 @@ def ssl_context() -> ssl.SSLContext:
 
 
 Origin = tuple[str, str, int]  # scheme, host, port
+
+
+class ProxyRequired(ValueError):
+    """The environment sends this URL through a proxy, which this module does not speak."""
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url``: ``HTTP_PROXY`` or ``HTTPS_PROXY`` by its
+    scheme (upper or lower case), unless ``NO_PROXY`` names its host (curl's and Go's rule)."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme.lower())
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 def origin_of(url: str) -> Origin:
@@ -343,6 +361,8 @@ def get(
     statuses: list[int] = []
     for _ in range(MAX_REDIRECTS + 1):
         origin = origin_of(url)
+        if env_proxy(url) is not None:  # a redirect to a host behind the proxy
+            raise ProxyRequired(f"{origin[1]} is reached through a proxy")
         sent = (
             headers
             if origin == auth_origin

@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 import aiohttp
 from yarl import URL
 
+from proxy import threadget
 from proxy.config import UpstreamConfig
 from proxy.errors import (
     UpstreamRateLimited,
@@ -212,7 +213,9 @@ class Upstream:
             headers["Authorization"] = basic
         url = URL(realm).update_query(query)
         try:
-            async with self.session.get(url, headers=headers, allow_redirects=True) as resp:
+            async with self.session.get(
+                url, headers=headers, allow_redirects=True, **proxy_args(url)
+            ) as resp:
                 self.count("GET", str(resp.status))
                 if resp.status != 200:
                     raise UpstreamStatus(
@@ -350,7 +353,9 @@ class Upstream:
                 else {k: v for k, v in headers.items() if k.lower() != "authorization"}
             )
             try:
-                resp = await self.session.request(method, url, headers=hdrs, allow_redirects=False)
+                resp = await self.session.request(
+                    method, url, headers=hdrs, allow_redirects=False, **proxy_args(url)
+                )
             except BaseException:
                 self.count(method, "error")
                 raise
@@ -407,6 +412,14 @@ class Upstream:
             status=status,
             code=code,
         )
+
+
+def proxy_args(url: URL) -> dict[str, Any]:
+    """aiohttp's arguments to reach ``url`` through the proxy the environment names for it
+    (``HTTP_PROXY``/``HTTPS_PROXY``, ``NO_PROXY``; none: directly; credentials in the proxy's
+    URL are sent to it). Per request, so that a redirect to a CDN is judged by its own host."""
+    proxy = threadget.env_proxy(str(url))
+    return {} if proxy is None else {"proxy": URL(proxy)}
 
 
 class Upstreams:

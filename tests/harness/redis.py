@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from tests.harness.tools import free_port, require_tool
+from tests.harness.tools import free_port, require_tool, stop_process
 
 
 class RedisServer:
@@ -59,12 +59,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
+            stop_process(self._proc)
             self._proc = None
         if self._log is not None:
             self._log.close()

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Self
 from tests.harness.tools import (
     free_port,
     require_tool,
+    stop_process,
     track_process,
-    untrack_process,
     wait_http,
 )
 
@@ -99,14 +99,7 @@ class Registry:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        untrack_process(proc)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
+        stop_process(proc, STOP_TIMEOUT)
 
     def logs(self) -> str:
         """Everything the registry has logged so far."""

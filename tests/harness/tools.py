@@ -81,6 +81,18 @@ def untrack_process(proc: subprocess.Popen[bytes]) -> None:
     _live.discard(proc)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM ``proc`` and wait for it; SIGKILL it if it lingers past ``timeout``."""
+    untrack_process(proc)
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     for proc in list(_live):
