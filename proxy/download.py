@@ -518,7 +518,11 @@ class Downloads:
         if not self.presigned_reads or not rawbody.claim():
             return
         try:
-            url = await self.store.blob_url(dl.digest, STORE_URL_EXPIRY)
+            try:
+                url = await self.store.blob_url(dl.digest, STORE_URL_EXPIRY)
+            except Exception as exc:  # no credentials to sign with: the S3 API will say so
+                log.debug("cannot presign a blob read error=%r", exc)
+                return
             if url is None or threadget.env_proxy(url) is not None:
                 return
             started = time.perf_counter()

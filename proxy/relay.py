@@ -2,7 +2,7 @@
 
 Used when the store fails (disk full, object store away) before or during a download: the client
 still gets the blob. The bytes a client already got from the failed download are re-hashed from
-its spool file, the rest comes from upstream with ``Range``, and the last byte is held back until
+its spool file, the rest comes from upstream with ``Range``, and the last chunk is held back until
 the digest matches — otherwise the connection is cut short of ``Content-Length``.
 """
 
@@ -82,16 +82,19 @@ async def relay_uncached(
                 resp = miss_response(digest, up.content_length, Cache.UNCACHED)
                 await resp.prepare(request)
             skip = offset if up.status == 200 else 0
+            # The latest chunk is held back (not joined to the next: no copy), so the last byte
+            # goes out only once the digest matched.
             held = b""
             async for chunk in up.content.iter_chunked(CHUNK):
                 if skip:
                     cut = min(skip, len(chunk))
                     chunk, skip = chunk[cut:], skip - cut
+                if not chunk:
+                    continue
                 hasher.update(chunk)
-                data = held + chunk
-                held = data[-1:]
-                if len(data) > 1:
-                    await resp.write(data[:-1])
+                if held:
+                    await resp.write(held)
+                held = chunk
     except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
         if resp is None:
             if isinstance(exc, UpstreamError):

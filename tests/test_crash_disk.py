@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness.front import Drip, Front, path_contains
+from tests.harness.front import Drip, FlipByte, Front, path_contains
 from tests.harness.images import SeededImage, seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import Registry
@@ -28,7 +28,9 @@ from tests.harness.tools import require_tool
 from tests.test_faults import (
     MiB,
     Outcome,
+    assert_failed_not_complete,
     blob_file,
+    blob_get,
     eventually,
     manifest_file,
     request,
@@ -317,6 +319,31 @@ async def test_blob_bigger_than_the_disk_still_streams_to_clients(
     for got in results:
         assert (got.status, got.error) == (200, None), got
         assert got.body == data
+    assert not blob_file(proxy, digest).exists()
+    await check_up(proxy)
+
+
+async def test_wrong_bytes_relayed_uncached_never_complete(
+    registry: Registry,
+    huge: SeededImage,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    disk: Disk,
+    tmp_path: Path,
+) -> None:
+    """The relay verifies too: when the rest of the blob (asked with Range once the disk is
+    full) comes back wrong, every client is cut short of Content-Length."""
+    digest, data, _ = _layer(huge)
+    upstream = front(registry)
+    upstream.add_fault(blob_get(digest, ranged=True), FlipByte(0), times=100)
+    proxy = proxy_on(proxy_factory, upstream, disk, tmp_path)
+    url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        results = await asyncio.gather(*(request(url, session=session) for _ in range(3)))
+    for got in results:
+        assert_failed_not_complete(got)
+        assert got.cut and len(got.body) < len(data), got
+    assert upstream.count("GET", f"/blobs/{digest}", match=blob_get(digest, ranged=True)) >= 1
     assert not blob_file(proxy, digest).exists()
     await check_up(proxy)
 
