@@ -570,12 +570,19 @@ async def _flip(body: aiohttp.StreamReader, offset: int) -> AsyncIterator[bytes]
 
 
 async def _drip(body: aiohttp.StreamReader, fault: Drip) -> AsyncIterator[bytes]:
-    interval = 0.05
-    step = max(1, int(fault.bytes_per_sec * interval))
+    """Slices of ~1/20 s of the rate, each sent once the clock says the rate allows it (the
+    rate holds above CHUNK * 20 bytes a second too)."""
+    loop = asyncio.get_running_loop()
+    step = max(1, int(fault.bytes_per_sec * 0.05))
+    started, sent = loop.time(), 0
     async for chunk in body.iter_chunked(CHUNK):
         for start in range(0, len(chunk), step):
-            yield chunk[start : start + step]
-            await asyncio.sleep(interval)
+            piece = chunk[start : start + step]
+            yield piece
+            sent += len(piece)
+            ahead = started + sent / fault.bytes_per_sec - loop.time()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
