@@ -63,6 +63,8 @@ PUBLISH_GRACE = 30.0
 STORE_URL_EXPIRY = 300.0
 STORE_CONNECT_TIMEOUT = 5.0
 STORE_READ_TIMEOUT = 30.0
+#: After the store refused a presigned read, blobs are read through the S3 API this long.
+PRESIGNED_OFF_FOR = 600.0
 #: The header that carries the fleet's shared secret on peer requests.
 PEER_HEADER = "X-Regproxy-Peer"
 PEER_PATH = "/_regproxy/peer/blobs/"
@@ -164,9 +166,9 @@ class Downloads:
         self.peer_token: str | None = None
         self.session: aiohttp.ClientSession | None = None
         self.running: dict[str, Download] = {}
-        #: Blobs held only in the object store are read from presigned URLs (until one is
-        #: refused).
-        self.presigned_reads = True
+        #: Until then (monotonic) blobs held only in the object store are read through the S3
+        #: API, not from presigned URLs (one was refused).
+        self.presigned_off_until = 0.0
         self._tasks: dict[asyncio.Task[None], Download] = {}
 
     def __len__(self) -> int:
@@ -515,7 +517,7 @@ class Downloads:
         slot is free, the store is reached through a proxy, or the GET fails or breaks; the
         tier writer verifies the digest either way.
         """
-        if not self.presigned_reads or not rawbody.claim():
+        if time.monotonic() < self.presigned_off_until or not rawbody.claim():
             return
         try:
             try:
@@ -549,12 +551,13 @@ class Downloads:
                 resp.release(status != 200 and resp.error_body is not None)  # read: reusable
                 if status in (400, 403):
                     # Refused rather than failed (a proxy rewriting Host, a policy denying
-                    # presigned requests): the S3 API from now on.
-                    self.presigned_reads = False
+                    # presigned requests, a skewed clock): the S3 API for a while.
+                    self.presigned_off_until = time.monotonic() + PRESIGNED_OFF_FOR
                     log.warning(
                         "the object store refused a presigned read (%d): reading blobs "
-                        "through the S3 API from now on",
+                        "through the S3 API for %.0f s",
                         status,
+                        PRESIGNED_OFF_FOR,
                     )
                 return
             dl.begin(self._tier_writer(dl), size)

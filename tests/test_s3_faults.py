@@ -214,7 +214,7 @@ async def test_blob_in_the_bucket_only_comes_from_a_presigned_url_and_resumes(
     assert 'regproxy_storage_requests_total{op="read",status="ok"} 2.0' in metrics
 
 
-async def test_refused_presigned_read_falls_back_to_the_s3_api_for_good(
+async def test_refused_presigned_read_falls_back_to_the_s3_api_for_a_while(
     registry: Registry,
     front: FrontFactory,
     proxy_factory: ProxyFactory,
