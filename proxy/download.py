@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ PUBLISH_GRACE = 30.0
 STORE_URL_EXPIRY = 300.0
 STORE_CONNECT_TIMEOUT = 5.0
 STORE_READ_TIMEOUT = 30.0
-#: After the store refused a presigned read, blobs are read through the S3 API this long.
+#: After the store refused a presigned read (or its certificate was not trusted for one), blobs
+#: are read through the S3 API this long.
 PRESIGNED_OFF_FOR = 600.0
 #: The header that carries the fleet's shared secret on peer requests.
 PEER_HEADER = "X-Regproxy-Peer"
@@ -501,6 +503,11 @@ class Downloads:
             await self.store.delete_blob(dl.digest)
             raise
 
+    def _presigned_off(self, why: str) -> None:
+        """Read blobs through the S3 API for a while: presigned reads would fail again."""
+        self.presigned_off_until = time.monotonic() + PRESIGNED_OFF_FOR
+        log.warning("%s: reading blobs through the S3 API for %.0f s", why, PRESIGNED_OFF_FOR)
+
     def _tier_writer(self, dl: Download) -> BlobWriter:
         writer = self.store.tier_writer(dl.digest)
         if writer is None:
@@ -539,7 +546,11 @@ class Downloads:
                 )
             except (OSError, ValueError) as exc:
                 self.store.observed("read", "error", time.perf_counter() - started)
-                log.info("presigned read failed, reading through the S3 API error=%r", exc)
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    # botocore trusts AWS_CA_BUNDLE; this GET, like aiohttp, SSL_CERT_FILE
+                    self._presigned_off(f"the store's certificate is not trusted ({exc})")
+                else:
+                    log.info("presigned read failed, reading through the S3 API error=%r", exc)
                 return
             status = resp.status
             self.store.observed(
@@ -551,14 +562,8 @@ class Downloads:
                 resp.release(status != 200 and resp.error_body is not None)  # read: reusable
                 if status in (400, 403):
                     # Refused rather than failed (a proxy rewriting Host, a policy denying
-                    # presigned requests, a skewed clock): the S3 API for a while.
-                    self.presigned_off_until = time.monotonic() + PRESIGNED_OFF_FOR
-                    log.warning(
-                        "the object store refused a presigned read (%d): reading blobs "
-                        "through the S3 API for %.0f s",
-                        status,
-                        PRESIGNED_OFF_FOR,
-                    )
+                    # presigned requests, a skewed clock).
+                    self._presigned_off(f"the object store refused a presigned read ({status})")
                 return
             dl.begin(self._tier_writer(dl), size)
             buffered = [resp.buffered] if resp.buffered else []

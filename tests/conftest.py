@@ -27,6 +27,7 @@ Every server listens on 127.0.0.1 only and is stopped by the fixture that starte
 from __future__ import annotations
 
 import shutil
+import ssl
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -181,12 +182,13 @@ def s3(seaweed: SeaweedS3) -> Iterator[S3Location]:
 
 
 @pytest.fixture
-def s3_front(seaweed: SeaweedS3) -> Iterator[Callable[[], S3Front]]:
-    """Factory: ``s3_front()`` starts an ``S3Front`` before the shared store (stopped after)."""
+def s3_front(seaweed: SeaweedS3) -> Iterator[Callable[..., S3Front]]:
+    """Factory: ``s3_front()`` starts an ``S3Front`` before the shared store (stopped after);
+    ``s3_front(ssl_context)`` serves HTTPS."""
     started: list[S3Front] = []
 
-    def make() -> S3Front:
-        instance = S3Front(seaweed.endpoint)
+    def make(ssl_context: ssl.SSLContext | None = None) -> S3Front:
+        instance = S3Front(seaweed.endpoint, ssl_context=ssl_context)
         started.append(instance)
         instance.start()
         return instance

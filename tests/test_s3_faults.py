@@ -30,6 +30,7 @@ from tests.harness.s3front import (
     upload_part,
 )
 from tests.harness.seaweed import SeaweedS3
+from tests.harness.tlsca import LocalCA
 from tests.test_read_path import fetch
 from tests.test_s3 import MiB, blob_key, s3_proxy, stored
 
@@ -250,4 +251,45 @@ async def test_refused_presigned_read_falls_back_to_the_s3_api_for_a_while(
     # the first blob: refused, then the S3 API; the second: the S3 API at once
     assert [presigned(r) for r in reads] == [True, False, False]
     assert [r.status for r in reads] == [403, 200, 200]
+    assert upstream.count() == 0
+
+
+async def test_untrusted_store_certificate_reads_through_the_s3_api(
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    s3_front: Callable[..., S3Front],
+    local_ca: LocalCA,
+    tmp_path: Path,
+) -> None:
+    """An HTTPS store whose CA botocore is given (AWS_CA_BUNDLE) but the rest of the process is
+    not (SSL_CERT_FILE): the presigned read fails its handshake once, every blob still comes
+    through the S3 API, and the operator is told why."""
+    upstream, bucket, blobs = await bucket_only(
+        registry, front, proxy_factory, seaweed, tmp_path, "library/privateca", (3 * MiB, MiB)
+    )
+    store = s3_front(local_ca.server_context())
+    assert store.url.startswith("https://")
+    no_authorities = tmp_path / "empty-ca.pem"
+    no_authorities.write_text("")
+    proxy = s3_proxy(
+        proxy_factory,
+        seaweed,
+        bucket,
+        upstream.url,
+        tmp_path / "w2",
+        env={
+            "AWS_ENDPOINT_URL": store.url,
+            "AWS_CA_BUNDLE": str(local_ca.ca_file),
+            "SSL_CERT_FILE": str(no_authorities),
+        },
+    )
+    for digest, data in blobs.items():
+        status, _, body = await fetch(f"{proxy.url}/v2/library/privateca/blobs/{digest}")
+        assert status == 200 and body == data
+    keys = {blob_key(d) for d in blobs}
+    reads = [r for r in store.requests if get_object(r) and any(k in r.path for k in keys)]
+    assert len(reads) == 2 and not any(presigned(r) for r in reads)
+    assert proxy.logs().count("certificate is not trusted") == 1
     assert upstream.count() == 0

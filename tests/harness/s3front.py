@@ -30,6 +30,7 @@ Matchers for the S3 calls a multipart upload is made of: ``create_upload()`` (PO
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -141,8 +142,10 @@ def put_object(req: Req) -> bool:
 class S3Front(RecordingProxy):
     """Reverse proxy on 127.0.0.1 to an S3 *endpoint* URL, with fault rules and request counts."""
 
-    def __init__(self, endpoint: str, *, port: int = 0) -> None:
-        super().__init__("s3front", port)
+    def __init__(
+        self, endpoint: str, *, port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        super().__init__("s3front", port, ssl_context=ssl_context)
         self.endpoint = endpoint.rstrip("/")
 
     def counts_by_method(self) -> dict[str, int]:
