@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -173,6 +173,38 @@ async def bucket_only(
     return upstream, bucket, {d: image.blobs[d] for d in layers}
 
 
+def replica_through(
+    store: S3Front,
+    proxy_factory: ProxyFactory,
+    seaweed: SeaweedS3,
+    bucket: str,
+    upstream: Front,
+    work: Path,
+    **env: str,
+) -> ProxyProcess:
+    """A new replica (an empty work dir) that reaches the object store through ``store``."""
+    return s3_proxy(
+        proxy_factory,
+        seaweed,
+        bucket,
+        upstream.url,
+        work,
+        env={"AWS_ENDPOINT_URL": store.url, **env},
+    )
+
+
+def blob_reads(store: S3Front, digests: Iterable[str]) -> list[Req]:
+    """The store's GetObject requests for these blobs, in order."""
+    keys = {blob_key(d) for d in digests}
+    return [r for r in store.requests if get_object(r) and any(k in r.path for k in keys)]
+
+
+async def fetch_each(proxy: ProxyProcess, repository: str, blobs: dict[str, bytes]) -> None:
+    for digest, data in blobs.items():
+        status, _, body = await fetch(f"{proxy.url}/v2/{repository}/blobs/{digest}")
+        assert status == 200 and body == data
+
+
 async def test_blob_in_the_bucket_only_comes_from_a_presigned_url_and_resumes(
     registry: Registry,
     front: FrontFactory,
@@ -188,18 +220,9 @@ async def test_blob_in_the_bucket_only_comes_from_a_presigned_url_and_resumes(
     store = s3_front()
     # a new replica (empty work dir); the store cuts its first read after 3 MiB
     store.add_fault(all_of(get_object, path_contains(blob_key(digest))), CutAfter(3 * MiB))
-    proxy = s3_proxy(
-        proxy_factory,
-        seaweed,
-        bucket,
-        upstream.url,
-        tmp_path / "w2",
-        env={"AWS_ENDPOINT_URL": store.url},
-    )
-    url = f"{proxy.url}/v2/library/bucketonly/blobs/{digest}"
-    status, _, body = await fetch(url)
-    assert status == 200 and body == data
-    reads = [r for r in store.requests if get_object(r) and blob_key(digest) in r.path]
+    proxy = replica_through(store, proxy_factory, seaweed, bucket, upstream, tmp_path / "w2")
+    await fetch_each(proxy, "library/bucketonly", blobs)
+    reads = blob_reads(store, blobs)
     # read on a worker thread from a presigned URL, then the rest through the S3 API from the
     # exact byte the cut left off
     assert [presigned(r) for r in reads] == [True, False]
@@ -208,7 +231,7 @@ async def test_blob_in_the_bucket_only_comes_from_a_presigned_url_and_resumes(
     assert upstream.count() == 0
     # verified into the local tier: the next read asks neither the store nor upstream
     store.reset()
-    status, headers, body = await fetch(url)
+    status, headers, body = await fetch(f"{proxy.url}/v2/library/bucketonly/blobs/{digest}")
     assert status == 200 and body == data and headers["X-Cache"] == "HIT"
     assert store.count(match=get_object) == 0 and upstream.count() == 0
     metrics = (await fetch(f"{proxy.url}/metrics"))[2].decode()
@@ -235,19 +258,9 @@ async def test_refused_presigned_read_falls_back_to_the_s3_api_for_a_while(
     store = s3_front()
     # a store (or a proxy before it) that refuses presigned requests
     store.add_fault(all_of(get_object, presigned), s3_error(403), times=100)
-    proxy = s3_proxy(
-        proxy_factory,
-        seaweed,
-        bucket,
-        upstream.url,
-        tmp_path / "w2",
-        env={"AWS_ENDPOINT_URL": store.url},
-    )
-    for digest, data in blobs.items():
-        status, _, body = await fetch(f"{proxy.url}/v2/library/nopresign/blobs/{digest}")
-        assert status == 200 and body == data
-    keys = {blob_key(d) for d in blobs}
-    reads = [r for r in store.requests if get_object(r) and any(k in r.path for k in keys)]
+    proxy = replica_through(store, proxy_factory, seaweed, bucket, upstream, tmp_path / "w2")
+    await fetch_each(proxy, "library/nopresign", blobs)
+    reads = blob_reads(store, blobs)
     # the first blob: refused, then the S3 API; the second: the S3 API at once
     assert [presigned(r) for r in reads] == [True, False, False]
     assert [r.status for r in reads] == [403, 200, 200]
@@ -273,23 +286,18 @@ async def test_untrusted_store_certificate_reads_through_the_s3_api(
     assert store.url.startswith("https://")
     no_authorities = tmp_path / "empty-ca.pem"
     no_authorities.write_text("")
-    proxy = s3_proxy(
+    proxy = replica_through(
+        store,
         proxy_factory,
         seaweed,
         bucket,
-        upstream.url,
+        upstream,
         tmp_path / "w2",
-        env={
-            "AWS_ENDPOINT_URL": store.url,
-            "AWS_CA_BUNDLE": str(local_ca.ca_file),
-            "SSL_CERT_FILE": str(no_authorities),
-        },
+        AWS_CA_BUNDLE=str(local_ca.ca_file),
+        SSL_CERT_FILE=str(no_authorities),
     )
-    for digest, data in blobs.items():
-        status, _, body = await fetch(f"{proxy.url}/v2/library/privateca/blobs/{digest}")
-        assert status == 200 and body == data
-    keys = {blob_key(d) for d in blobs}
-    reads = [r for r in store.requests if get_object(r) and any(k in r.path for k in keys)]
+    await fetch_each(proxy, "library/privateca", blobs)
+    reads = blob_reads(store, blobs)
     assert len(reads) == 2 and not any(presigned(r) for r in reads)
     assert proxy.logs().count("certificate is not trusted") == 1
     assert upstream.count() == 0
