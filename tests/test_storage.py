@@ -21,9 +21,14 @@ from storage import (
     WorkSettings,
     create_store,
 )
+from storage import writer as writer_module
 from storage.redis import RedisMetadata, connect
+from storage.writer import SpoolWriter
 from tests.harness.redis import RedisServer
 from tests.harness.seaweed import SeaweedS3
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 def digest(data: bytes) -> str:
@@ -266,3 +271,28 @@ async def test_temp_files_of_dead_process_removed_at_start(tmp_path: Path) -> No
     assert tmp_dir.exists()
     await other.close()
     await live.close()
+
+
+async def test_spool_reserves_blocks_only_a_window_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream announcing a huge Content-Length cannot hold the disk: blocks are reserved
+    at most RESERVE_AHEAD beyond the bytes that came (and the file's size is what came)."""
+    monkeypatch.setattr(writer_module, "RESERVE_AHEAD", 4 * MiB)
+    spool = SpoolWriter(tmp_path, "blobs/sha256/ab/abcdef", "sha256")
+
+    def held() -> int:
+        return os.stat(spool.path).st_blocks * 512
+
+    slack = MiB  # the filesystem's own metadata blocks
+    try:
+        spool.reserve(64 * GiB)  # announced; far more than will come
+        assert held() <= 4 * MiB + slack
+        chunk = os.urandom(MiB)
+        for n in range(1, 11):
+            spool.append([chunk])
+            assert n * MiB <= held() <= n * MiB + 4 * MiB + slack, (n, held())
+            assert os.stat(spool.path).st_size == n * MiB
+    finally:
+        await spool.cancel()  # a failure must not leave the blocks held
+    assert not spool.path.exists()
