@@ -68,9 +68,9 @@ async def sendfile_to_transport(
                     dup = os.dup(out)
                 await _writable(loop, dup)
                 continue
-            except (BrokenPipeError, ConnectionResetError):
+            except ConnectionResetError:
                 raise
-            except OSError as exc:  # EBADF after the transport closed the socket, EPIPE...
+            except OSError as exc:  # EPIPE (the client left), EBADF (the transport closed it)
                 raise ConnectionResetError(f"sendfile failed: {exc.strerror}") from exc
             if n == 0:
                 break

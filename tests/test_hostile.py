@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.sendfile import sendfile_to_transport
 from tests.harness.front import (
     Drip,
     Front,
@@ -954,6 +955,25 @@ async def test_vanishing_clients_are_not_logged_as_server_errors(
     logs = proxy.logs()
     assert "Traceback" not in logs, logs[-3000:]
     assert " status=500 " not in logs
+
+
+async def test_sendfile_to_a_client_that_left_says_the_client_left(tmp_path: Path) -> None:
+    """EPIPE from sendfile (the client closed before the bytes went out) is the same
+    ConnectionResetError as a reset: what the blob answer takes for "client gone" rather than
+    a server error with a traceback (seen once in CI under load, in the test above)."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
+    theirs.close()
+    blob_path = tmp_path / "blob"
+    blob_path.write_bytes(os.urandom(MiB))
+    fd = os.open(blob_path, os.O_RDONLY)
+    try:
+        with pytest.raises(ConnectionResetError):
+            await sendfile_to_transport(transport, fd, 0, MiB)
+    finally:
+        os.close(fd)
+        transport.close()
 
 
 # -- a misbehaving upstream -------------------------------------------------------------------
