@@ -428,14 +428,7 @@ class Downloads:
         if skip or not isinstance(dl.writer, SpoolWriter):
             resp.conn.close()  # a 200 to a Range request: rare, left to aiohttp's reader
             return False
-        count = self._counter(dl)
-        buffered = [resp.buffered] if resp.buffered else []
-        remaining = length - len(resp.buffered)
-        source: threadget.BodySource | None = threadget.BodySource(resp)
-        if remaining <= 0:
-            resp.conn.close()  # all came with the head (or more than announced: refused below)
-            source = None
-        await self._copy_taken(dl, rawbody.Taken(buffered, source, max(0, remaining)), count)
+        await self._copy_taken(dl, _taken(resp, length), self._counter(dl))
         return True
 
     def _start_or_resume(
@@ -566,15 +559,8 @@ class Downloads:
                     self._presigned_off(f"the object store refused a presigned read ({status})")
                 return
             dl.begin(self._tier_writer(dl), size)
-            buffered = [resp.buffered] if resp.buffered else []
-            remaining = size - len(resp.buffered)
-            source: threadget.BodySource | None = threadget.BodySource(resp)
-            if remaining <= 0:
-                resp.release(remaining == 0)
-                source = None
-            taken = rawbody.Taken(buffered, source, max(0, remaining))
             try:
-                await self._copy_taken(dl, taken, self._counter(dl, upstream=False))
+                await self._copy_taken(dl, _taken(resp, size), self._counter(dl, upstream=False))
             except UpstreamUnreachable as exc:  # cut short: the rest through the S3 API
                 log.info(
                     "presigned read broke, resuming through the S3 API digest=%s offset=%d "
@@ -714,6 +700,18 @@ async def _chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             yield chunk
         elif stream.at_eof():
             return
+
+
+def _taken(resp: threadget.Response, length: int) -> rawbody.Taken:
+    """The body of a threaded GET's response of ``length`` bytes, for a body copy: what came
+    with the head, then the rest from its connection (none when all came with the head, or
+    more than announced, which the copy refuses)."""
+    buffered = [resp.buffered] if resp.buffered else []
+    remaining = length - len(resp.buffered)
+    if remaining <= 0:
+        resp.release(remaining == 0)
+        return rawbody.Taken(buffered, None, 0)
+    return rawbody.Taken(buffered, threadget.BodySource(resp), remaining)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -56,7 +56,6 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 #: Tokens without ``expires_in`` live 60 s (Docker's token spec); refresh a little early.
 DEFAULT_TOKEN_TTL = 60.0
 TOKEN_EARLY_REFRESH = 10.0
-MAX_REDIRECTS = 5
 USER_AGENT = "regproxy/0.1"
 
 #: aiohttp's read buffer per upstream connection (its default is 64 KiB): a blob body arrives
@@ -346,7 +345,7 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """Send, following redirects; ``Authorization`` goes to the upstream's origin only."""
         origin = self.base.origin()
-        for _ in range(MAX_REDIRECTS + 1):
+        for _ in range(threadget.MAX_REDIRECTS + 1):
             hdrs = (
                 headers
                 if url.origin() == origin
@@ -360,7 +359,7 @@ class Upstream:
                 self.count(method, "error")
                 raise
             self.count(method, str(resp.status))
-            if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
+            if resp.status not in threadget.REDIRECTS or "Location" not in resp.headers:
                 return resp
             url = url.join(URL(resp.headers["Location"]))
             resp.release()
