@@ -42,6 +42,7 @@ from tests.test_faults import (
     blob_get,
     eventually,
     request,
+    requests_at_once,
     sha256,
     stored_blobs_verify,
     temp_files,
@@ -110,8 +111,7 @@ async def test_wrong_body_fails_every_client_and_is_not_cached(
     proxy = proxy_factory(upstream.url, env=local_ca.env())
     url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
 
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        results = await asyncio.gather(*(request(url, session=session) for _ in range(6)))
+    results = await requests_at_once(url, 6)
     for got in results:
         assert_failed_not_complete(got)
         if not isinstance(fault, FlipByte):
@@ -137,8 +137,7 @@ async def test_cut_body_resumes_after_the_last_byte_for_every_follower(
     proxy = proxy_factory(upstream.url, env=local_ca.env())
     url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
 
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        results = await asyncio.gather(*(request(url, session=session) for _ in range(8)))
+    results = await requests_at_once(url, 8)
     for got in results:
         assert (got.status, got.error) == (200, None), got
         assert len(got.body) == len(data) and sha256(got.body) == digest

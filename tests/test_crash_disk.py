@@ -34,6 +34,7 @@ from tests.test_faults import (
     eventually,
     manifest_file,
     request,
+    requests_at_once,
     settled,
     sha256,
     stored_blobs_verify,
@@ -266,10 +267,7 @@ async def test_blob_bigger_than_the_disk_fails_safely_and_recovers(
     assert (await request(f"{base}/{config}")).status == 200
     free_before = disk.free()
 
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        results = await asyncio.gather(
-            *(request(f"{base}/{digest}", session=session) for _ in range(3))
-        )
+    results = await requests_at_once(f"{base}/{digest}", 3)
     for got in results:
         if got.status == 200 and not got.cut:
             assert got.body == data, got
@@ -314,8 +312,7 @@ async def test_blob_bigger_than_the_disk_still_streams_to_clients(
     upstream = front(registry)
     proxy = proxy_on(proxy_factory, upstream, disk, tmp_path)
     url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        results = await asyncio.gather(*(request(url, session=session) for _ in range(3)))
+    results = await requests_at_once(url, 3)
     for got in results:
         assert (got.status, got.error) == (200, None), got
         assert got.body == data
@@ -338,8 +335,7 @@ async def test_wrong_bytes_relayed_uncached_never_complete(
     upstream.add_fault(blob_get(digest, ranged=True), FlipByte(0), times=100)
     proxy = proxy_on(proxy_factory, upstream, disk, tmp_path)
     url = f"{proxy.url}/v2/library/huge/blobs/{digest}"
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        results = await asyncio.gather(*(request(url, session=session) for _ in range(3)))
+    results = await requests_at_once(url, 3)
     for got in results:
         assert_failed_not_complete(got)
         assert got.cut and len(got.body) < len(data), got

@@ -133,6 +133,12 @@ async def request(
     return Outcome(status, resp_headers, body)
 
 
+async def requests_at_once(url: str, clients: int) -> list[Outcome]:
+    """``clients`` GETs of ``url`` at the same time, on one session (a connection each)."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        return await asyncio.gather(*(request(url, session=session) for _ in range(clients)))
+
+
 def blob_file(proxy: ProxyProcess, digest: str) -> Path:
     algorithm, _, hexpart = digest.partition(":")
     return proxy.storage / "blobs" / algorithm / hexpart[:2] / hexpart
@@ -416,8 +422,7 @@ async def test_corrupted_download_fails_every_concurrent_client(
     proxy = proxy_factory(upstream.url)
     url = f"{proxy.url}/v2/library/mid/blobs/{digest}"
 
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        results = await asyncio.gather(*(request(url, session=session) for _ in range(10)))
+    results = await requests_at_once(url, 10)
     for got in results:
         assert_failed_not_complete(got)
         assert got.body == data[: len(got.body)] or got.status != 200, got
