@@ -3,20 +3,20 @@
 Routes::
 
     GET        /v2/                              API version check (and login, with auth)
-    GET|HEAD   /v2/<name>/manifests/<reference>  proxy.platforms -> proxy.manifests
-    GET|HEAD   /v2/<name>/blobs/<digest>         proxy.blobs
-    GET        /v2/<name>/tags/list              proxy.manifests (tags_list)
-    GET|HEAD   /v2/<name>/referrers/<digest>     proxy.referrers (OCI 1.1, ?artifactType=)
+    GET|HEAD   /v2/<name>/manifests/<reference>  proxy.platforms -> proxy.cache.manifests
+    GET|HEAD   /v2/<name>/blobs/<digest>         proxy.cache.blobs
+    GET        /v2/<name>/tags/list              proxy.cache.manifests (tags_list)
+    GET|HEAD   /v2/<name>/referrers/<digest>     proxy.cache.referrers (OCI 1.1, ?artifactType=)
     *          /v2/...                           405 UNSUPPORTED for anything that would write
     GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
-    GET|POST   /token                            Bearer tokens, with auth (proxy.tokens)
+    GET|POST   /token                            Bearer tokens, with auth (proxy.access.tokens)
     GET        /_regproxy/peer/blobs/<digest>    another replica streams a download (shared secret)
-    GET        /_regproxy/, /_regproxy/api/...   operator's console and its JSON (proxy.console)
+    GET        /_regproxy/, /_regproxy/api/...   operator's console and its JSON (proxy.ops.console)
     GET        /_regproxy/sync                   scheduled sync: entries, tags, digests, runs
 
-Every /v2/ request is routed to an upstream (``proxy.routing``), checked against the access rules
-(``proxy.auth``) and, for digests, against what the repository is known to hold (``proxy.links``)
+Every /v2/ request is routed to an upstream (``proxy.access.routing``), checked against the access rules
+(``proxy.access.auth``) and, for digests, against what the repository is known to hold (``proxy.cache.links``)
 before anything is looked up.
 
 Resources (storage, upstream sessions, services) are created in ``cleanup_ctx`` and live under
@@ -37,12 +37,14 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from proxy.auth import Authenticator, load_auth
-from proxy.blobs import BlobService, stream_download
+from proxy.access.auth import Authenticator, load_auth
+from proxy.access.routing import Router
+from proxy.cache.blobs import BlobService, stream_download
+from proxy.cache.links import Links
+from proxy.cache.manifests import Manifest, ManifestService
+from proxy.cache.referrers import ReferrersService
 from proxy.config import Config
-from proxy.console import CONSOLE, setup_console
-from proxy.download import CACHE_RESULT, PEER_HEADER, Cache
-from proxy.errors import (
+from proxy.core.errors import (
     BlobUnknown,
     Denied,
     Handler,
@@ -53,15 +55,13 @@ from proxy.errors import (
     Unsupported,
     error_middleware,
 )
-from proxy.links import Links
-from proxy.manifests import Manifest, ManifestService
-from proxy.metrics import CONTENT_TYPE_LATEST, Metrics, UsageStats
-from proxy.platforms import PlatformService, accepts_index, load_platforms
-from proxy.reference import check_digest, check_name, check_reference, is_digest, parse_image
-from proxy.referrers import ReferrersService
-from proxy.routing import Router
-from proxy.sync import SYNC, SyncService, handle_sync_status
-from proxy.upstream import INDEX_TYPES, OCI_INDEX, Upstream, Upstreams
+from proxy.core.metrics import CONTENT_TYPE_LATEST, Metrics, UsageStats
+from proxy.core.reference import check_digest, check_name, check_reference, is_digest, parse_image
+from proxy.fetch.download import CACHE_RESULT, PEER_HEADER, Cache
+from proxy.fetch.upstream import INDEX_TYPES, OCI_INDEX, Upstream, Upstreams
+from proxy.ops.console import CONSOLE, setup_console
+from proxy.ops.sync import SYNC, SyncService, handle_sync_status
+from proxy.platforms.service import PlatformService, accepts_index, load_platforms
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
@@ -205,7 +205,7 @@ async def handle_base(request: web.Request) -> web.Response:
 
 
 async def handle_token(request: web.Request) -> web.StreamResponse:
-    """``/token``: the Bearer token service (``proxy.tokens``), when client auth is on."""
+    """``/token``: the Bearer token service (``proxy.access.tokens``), when client auth is on."""
     request["route"] = "token"
     auth = request.app[AUTH]
     if not auth.enabled:
@@ -424,7 +424,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/_regproxy/inspect", handle_inspect)
     app.router.add_route("*", "/token", handle_token)
     app.router.add_get("/_regproxy/peer/blobs/{digest}", handle_peer_blob)
-    setup_console(app)  # /_regproxy/ and /_regproxy/api/...: proxy.console
+    setup_console(app)  # /_regproxy/ and /_regproxy/api/...: proxy.ops.console
     app.router.add_get("/_regproxy/sync", handle_sync_status)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app

@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy import commands
-from proxy.commands import DEFAULT_PROXY
 from proxy.config import DOCKER_HUB_URL, Config, ConfigError, load_config
-from proxy.errors import RegistryError, StorageError
+from proxy.core.errors import RegistryError, StorageError
+from proxy.ops import commands
+from proxy.ops.commands import DEFAULT_PROXY
 from storage import ContentStore, WorkSettings, create_store, maintenance
 
 log = logging.getLogger("proxy")
@@ -362,8 +362,8 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
 
 def cmd_cache_purge(args: argparse.Namespace) -> int:
     config = _storage_config(args)
-    from proxy.reference import parse_image
-    from proxy.routing import Router
+    from proxy.access.routing import Router
+    from proxy.core.reference import parse_image
 
     ref = parse_image(args.image)
     upstream, repository = Router(config.upstreams, config.default_upstream).route(
@@ -432,7 +432,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def cmd_sync_status(args: argparse.Namespace) -> int:
-    from proxy import sync_status
+    from proxy.ops import sync_status
 
     result = asyncio.run(sync_status.fetch_status(args.proxy))
     if args.json:

@@ -169,7 +169,7 @@ CacheConfig = CacheSettings
 
 @dataclass(frozen=True)
 class ConsoleConfig:
-    """The operator's console (``/_regproxy/``, ``proxy.console``)."""
+    """The operator's console (``/_regproxy/``, ``proxy.ops.console``)."""
 
     #: Seconds between two samples of its history chart; defaults to 30.
     sample_every: float = 30.0
@@ -460,11 +460,11 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     kwargs["upstreams"] = upstreams
     kwargs["default_upstream"] = default
     kwargs["platforms"] = _mapping(raw.get("platforms"), "platforms")
-    from proxy.platforms import load_platforms  # the rules' own module validates them
+    from proxy.platforms.service import load_platforms  # the rules' own module validates them
 
     load_platforms(kwargs["platforms"])
     kwargs["auth"] = _mapping(raw.get("auth"), "auth")
-    from proxy.auth import load_auth
+    from proxy.access.auth import load_auth
 
     load_auth(kwargs["auth"])
     kwargs["console"] = _build_console(_mapping(raw.get("console"), "console"))
@@ -719,8 +719,8 @@ def _sync_repository(
     A first component with a dot or colon (or ``localhost``) names a registry host, as in image
     references; it must be a configured upstream.
     """
-    from proxy.errors import RegistryError
-    from proxy.routing import Router
+    from proxy.access.routing import Router
+    from proxy.core.errors import RegistryError
 
     router = Router(upstreams, default)
     first, sep, rest = name.partition("/")
@@ -747,7 +747,7 @@ def _build_sync(
 ) -> SyncConfig:
     """Validate ``sync:`` and ``sync_ratelimit_floor``; a bad entry raises ConfigError naming it
     (``sync[0].repository``) and, where it has one, its repository."""
-    from proxy.platforms import load_platforms
+    from proxy.platforms.service import load_platforms
 
     kwargs: dict[str, Any] = {}
     if raw.get("sync_ratelimit_floor") not in (None, ""):
@@ -780,7 +780,7 @@ def _build_sync_entry(
     default: str,
     default_platform: str,
 ) -> SyncEntry:
-    from proxy.platforms import Platform
+    from proxy.platforms.service import Platform
 
     if not isinstance(item, Mapping):
         raise ConfigError(key, "must be a mapping with repository, tags, platforms, interval")

@@ -52,7 +52,7 @@ With ``--redis`` (keys made by ``storage.redis.key`` only; every record is also 
                                                         stream the download from
     regproxy:peer-token                                 the secret replicas show each other
     regproxy:sync:lease:<upstream>:<repository>:<id>    the replica running a sync entry now
-    regproxy:sync:status:<upstream>:<repository>:<id>   that entry's last result (proxy.sync)
+    regproxy:sync:status:<upstream>:<repository>:<id>   that entry's last result (proxy.ops.sync)
 
 ``<upstream>`` is the configured upstream name (``docker.io``, ``ghcr.io``, ``corp``), so tags
 of different registries never collide; blobs and manifests are content-addressed and shared.

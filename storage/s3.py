@@ -14,7 +14,7 @@ bucket lifecycle rule for incomplete multipart uploads is the backstop (README).
 
 Verified blobs are kept in the local read tier (:mod:`storage.tier`) so warm reads are sendfile from
 the local disk; a blob not in the tier is read from the bucket (Range supported), or by the caller
-from a presigned URL (``url_for``; ``proxy.download`` fills the tier that way).
+from a presigned URL (``url_for``; ``proxy.fetch.download`` fills the tier that way).
 
 Everything the object store does wrong becomes :class:`storage.errors.StorageError` at this
 boundary: ``botocore`` client errors, connection errors and timeouts alike.

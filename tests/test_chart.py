@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.auth import load_auth
+from proxy.access.auth import load_auth
 from proxy.config import Config, ConfigError, load_config, parse_size
 from tests.harness.clients import run
 from tests.harness.tools import require_tool

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import UsageStats
+from proxy.core.metrics import UsageStats
 from storage import WorkSettings, create_store
 from tests.harness.browser import Browser
 from tests.harness.front import Drip, Front, blob, manifest, too_many_requests
@@ -418,7 +418,7 @@ auth:
 
 
 def test_console_settings_are_validated() -> None:
-    from proxy.auth import load_auth
+    from proxy.access.auth import load_auth
     from proxy.config import ConfigError, load_config
 
     config = load_config(environ={"REGPROXY_CONSOLE_SAMPLE_EVERY": "10s"})

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.sendfile import sendfile_to_transport
+from proxy.cache.sendfile import sendfile_to_transport
 from tests.harness.front import (
     Drip,
     Front,

@@ -26,15 +26,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import (
+from proxy.core.errors import (
     DigestInvalid,
     ManifestInvalid,
     ManifestUnknown,
     NameInvalid,
     RegistryError,
 )
-from proxy.platforms import Platform, accepts_index
-from proxy.reference import (
+from proxy.core.reference import (
     Reference,
     check_digest,
     check_name,
@@ -45,6 +44,7 @@ from proxy.reference import (
     is_digest,
     parse_image,
 )
+from proxy.platforms.service import Platform, accepts_index
 from tests.harness.front import Front
 from tests.harness.images import (
     DOCKER_LIST,

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.errors import DigestInvalid, ManifestInvalid, NameInvalid
-from proxy.reference import NAME_RE, check_digest, check_name, check_tag, parse_image
+from proxy.core.errors import DigestInvalid, ManifestInvalid, NameInvalid
+from proxy.core.reference import NAME_RE, check_digest, check_name, check_tag, parse_image
 
 component = st.from_regex(r"[a-z0-9]{1,8}(?:(?:\.|_|__|-{1,2})[a-z0-9]{1,8}){0,2}", fullmatch=True)
 

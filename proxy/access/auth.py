@@ -10,7 +10,7 @@ Off unless configured::
         - users: ["*"]
           repositories: ["*"]
       admins: [alice]                      # may open the console (/_regproxy/); default none
-      token:                               # the Bearer token service (proxy.tokens)
+      token:                               # the Bearer token service (proxy.access.tokens)
         signing_key_file: /run/secrets/regproxy-token-key   # same on every replica
 
 Without ``rules``, logged-in users may pull everything and anonymous clients nothing (when an
@@ -18,7 +18,7 @@ htpasswd file is set) or everything (when not). A request is checked before anyt
 up, so a denied client learns nothing about the content: not its digest, size, or existence.
 
 Clients are challenged with ``WWW-Authenticate: Bearer realm="<regproxy>/token"`` and fetch a token
-there (``proxy.tokens``): anonymously for what anonymous rules allow, or with the Basic
+there (``proxy.access.tokens``): anonymously for what anonymous rules allow, or with the Basic
 credentials of an htpasswd user (``docker login``, podman, skopeo, ``ctr --user``) for what that
 user's rules allow. Basic credentials are also accepted on every request (curl, scripts).
 
@@ -47,11 +47,11 @@ import bcrypt
 from aiohttp import web
 from cachetools import TTLCache
 
+from proxy.access.routing import Router
+from proxy.access.tokens import Grant, TokenConfig, TokenSigner, load_token_config, requested_scopes
 from proxy.config import ConfigError
-from proxy.errors import Denied, ManifestInvalid, RegistryError, Unauthorized
-from proxy.reference import check_name
-from proxy.routing import Router
-from proxy.tokens import Grant, TokenConfig, TokenSigner, load_token_config, requested_scopes
+from proxy.core.errors import Denied, ManifestInvalid, RegistryError, Unauthorized
+from proxy.core.reference import check_name
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Rule:
 class AuthConfig:
     htpasswd: Path | None = None
     rules: tuple[Rule, ...] = ()
-    #: Users who may open the operator's console (``proxy.console``); defaults to none.
+    #: Users who may open the operator's console (``proxy.ops.console``); defaults to none.
     admins: tuple[str, ...] = ()
     token: TokenConfig = field(default_factory=TokenConfig)
 

@@ -34,14 +34,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.blobs import BlobService
+from proxy.access.routing import Router
+from proxy.cache.blobs import BlobService
+from proxy.cache.manifests import Manifest, ManifestService
 from proxy.config import ConfigError
-from proxy.errors import ManifestUnknown, RegistryError, UpstreamContentError
-from proxy.manifests import Manifest, ManifestService
-from proxy.reference import digest_of, parse_image
-from proxy.routing import Router
-from proxy.singleflight import SingleFlight
-from proxy.upstream import (
+from proxy.core.errors import ManifestUnknown, RegistryError, UpstreamContentError
+from proxy.core.reference import digest_of, parse_image
+from proxy.core.singleflight import SingleFlight
+from proxy.fetch.upstream import (
     INDEX_TYPES,
     MANIFEST_LIST_V2,
     MANIFEST_TYPES,

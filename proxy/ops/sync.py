@@ -51,16 +51,16 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from yarl import URL
 
-from proxy.auth import Authenticator
-from proxy.blobs import BlobService
+from proxy.access.auth import Authenticator
+from proxy.cache.blobs import BlobService
+from proxy.cache.links import Links
+from proxy.cache.manifests import Manifest, ManifestService
 from proxy.config import SyncConfig, SyncEntry
-from proxy.errors import RegistryError, StorageError, UpstreamError
-from proxy.links import Links
-from proxy.manifests import Manifest, ManifestService
-from proxy.metrics import Metrics
-from proxy.platforms import Entry, Platform, PlatformService, Rule, index_entries, render
-from proxy.reference import is_digest, parse_image
-from proxy.upstream import INDEX_TYPES, Upstream, Upstreams
+from proxy.core.errors import RegistryError, StorageError, UpstreamError
+from proxy.core.metrics import Metrics
+from proxy.core.reference import is_digest, parse_image
+from proxy.fetch.upstream import INDEX_TYPES, Upstream, Upstreams
+from proxy.platforms.service import Entry, Platform, PlatformService, Rule, index_entries, render
 from storage.eviction import CacheManager
 from storage.redis import key as redis_key
 

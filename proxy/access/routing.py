@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from proxy.config import DOCKER_HUB, DOCKER_HUB_ALIASES, UpstreamConfig
-from proxy.errors import NameUnknown
-from proxy.reference import check_name
+from proxy.core.errors import NameUnknown
+from proxy.core.reference import check_name
 
 
 class Router:

@@ -6,18 +6,18 @@ the socket into a memory BIO and decrypts on the loop too (on the benchmark's 2 
 regproxy at 0.8x distribution's cold throughput from a TLS upstream). Here a worker thread makes
 the request itself, over ``ssl.SSLObject`` and memory BIOs for HTTPS: it reads the socket 1 MiB
 at a time and decrypts straight into the download's buffers (OpenSSL releases the GIL), and
-:class:`proxy.rawbody.BodyCopy` appends, hashes and counts.
+:class:`proxy.fetch.rawbody.BodyCopy` appends, hashes and counts.
 
 What it does is the plain path: redirects followed (``Authorization`` goes to the upstream's own
-origin only, as in :mod:`proxy.upstream`), a body of announced length with no transfer or
+origin only, as in :mod:`proxy.fetch.upstream`), a body of announced length with no transfer or
 content coding, and error answers read when small, over a direct connection: a URL the
 environment sends through a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``: :func:`env_proxy`)
 raises :class:`ProxyRequired`, and the caller asks through aiohttp, which
-:mod:`proxy.upstream` points at that proxy. The caller (``proxy.download``) takes up a
-``401`` through :meth:`proxy.upstream.Upstream.authorize` and raises a ``404`` or ``429`` through
-:meth:`proxy.upstream.Upstream.raise_for`; what needs more (a ``5xx`` to retry with back-off,
+:mod:`proxy.fetch.upstream` points at that proxy. The caller (``proxy.fetch.download``) takes up a
+``401`` through :meth:`proxy.fetch.upstream.Upstream.authorize` and raises a ``404`` or ``429`` through
+:meth:`proxy.fetch.upstream.Upstream.raise_for`; what needs more (a ``5xx`` to retry with back-off,
 chunked framing, a failure to connect) is asked again through
-:meth:`proxy.upstream.Upstream.request`. Connections whose body was read to its end are kept for the
+:meth:`proxy.fetch.upstream.Upstream.request`. Connections whose body was read to its end are kept for the
 next blob from the same origin (Docker Hub sends every blob to one CDN host), at most
 ``POOL_PER_ORIGIN`` each for ``POOL_IDLE`` seconds.
 """
@@ -270,7 +270,7 @@ class Response:
 
 
 class BodySource:
-    """The body of a :class:`Response` as a ``proxy.rawbody.Source``: its connection is kept
+    """The body of a :class:`Response` as a ``proxy.fetch.rawbody.Source``: its connection is kept
     for the next GET when the body was read exactly to its end."""
 
     def __init__(self, resp: Response) -> None:

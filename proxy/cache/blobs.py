@@ -4,9 +4,9 @@
 
 * a local file (the filesystem store, or the S3 store's local read tier): ``sendfile``;
 * the object store, not local here: a ``307`` to a presigned URL when ``s3.redirect`` is on, a
-  ``Range`` read streamed from the bucket, or (a whole GET) a :class:`proxy.download.Download`
+  ``Range`` read streamed from the bucket, or (a whole GET) a :class:`proxy.fetch.download.Download`
   that fills the local tier while the client follows it;
-* nothing cached: a download from upstream (``proxy.download``), followed by every client asking
+* nothing cached: a download from upstream (``proxy.fetch.download``), followed by every client asking
   meanwhile (:func:`stream_download`) — containerd gives up after 30 s without response headers,
   so nothing waits for the whole blob.
 
@@ -17,7 +17,7 @@ Two rules keep a client from ever receiving a complete but wrong blob:
 * if it fails, the client's connection is aborted short of ``Content-Length``, which every
   client reports as an error, and nothing is committed.
 
-When the store fails (disk full, object store away) the client is served by ``proxy.relay``.
+When the store fails (disk full, object store away) the client is served by ``proxy.cache.relay``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy.download import CACHE_RESULT, CHUNK, Cache, Download, Downloads
-from proxy.errors import (
+from proxy.cache.relay import abort, miss_response, relay_uncached
+from proxy.cache.sendfile import can_sendfile, sendfile_to_transport
+from proxy.core.errors import (
     BlobUnknown,
     RangeInvalid,
     StorageError,
@@ -43,14 +44,13 @@ from proxy.errors import (
     UpstreamUnreachable,
     to_registry_error,
 )
-from proxy.relay import abort, miss_response, relay_uncached
-from proxy.sendfile import can_sendfile, sendfile_to_transport
-from proxy.upstream import Upstream
+from proxy.fetch.download import CACHE_RESULT, CHUNK, Cache, Download, Downloads
+from proxy.fetch.upstream import Upstream
 from storage.base import LocalFile
 from storage.content import ContentStore
 
 if TYPE_CHECKING:
-    from proxy.metrics import Metrics
+    from proxy.core.metrics import Metrics
     from storage.eviction import CacheManager
     from storage.redis import RedisCoordinator
 
@@ -99,7 +99,7 @@ class BlobService:
         await self.fetcher.close()
 
     async def held_elsewhere(self, digest: str, upstream: Upstream, repository: str) -> bool:
-        """Cached, or being downloaded for another repository (see ``proxy.links``)."""
+        """Cached, or being downloaded for another repository (see ``proxy.cache.links``)."""
         dl = self.downloads.get(digest)
         if dl is not None and (dl.upstream.name, dl.repository) != (upstream.name, repository):
             return True

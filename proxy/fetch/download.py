@@ -2,7 +2,7 @@
 
 A :class:`Download` is owned by the app (not by the request that started it), so a client that
 leaves does not stop it. It spools the bytes through a :class:`storage.base.BlobWriter` whose local
-file every client of this process follows as it grows (``proxy.blobs.stream_download``). Where the
+file every client of this process follows as it grows (``proxy.cache.blobs.stream_download``). Where the
 bytes come from (``Download.source``):
 
 * ``upstream`` — the registry, written durably to the store (on S3: multipart straight to the
@@ -31,22 +31,22 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from proxy import rawbody, threadget
-from proxy.errors import (
+from proxy.core.errors import (
     StorageError,
     UpstreamContentError,
     UpstreamError,
     UpstreamStatus,
     UpstreamUnreachable,
 )
-from proxy.upstream import RETRY_STATUSES, USER_AGENT, Upstream, error_code
+from proxy.fetch import rawbody, threadget
+from proxy.fetch.upstream import RETRY_STATUSES, USER_AGENT, Upstream, error_code
 from storage.base import BlobWriter
 from storage.content import ContentStore
 from storage.errors import DigestMismatch
 from storage.writer import SpoolWriter
 
 if TYPE_CHECKING:
-    from proxy.metrics import Metrics
+    from proxy.core.metrics import Metrics
     from storage.redis import RedisCoordinator
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class Downloads:
     async def _fetch_in_thread(
         self, dl: Download, path: str, scope: str, headers: dict[str, str]
     ) -> bool:
-        """GET the blob on a worker thread's connection (``proxy.threadget``); False when the
+        """GET the blob on a worker thread's connection (``proxy.fetch.threadget``); False when the
         caller must make the request through aiohttp (a 5xx to retry with back-off, a chunked
         body, no thread free, an upstream reached through a proxy)."""
         if dl.writer is not None and not isinstance(dl.writer, SpoolWriter):
@@ -509,7 +509,7 @@ class Downloads:
 
     async def _store_in_thread(self, dl: Download, size: int) -> None:
         """Read the stored blob as a blob from upstream is read: a plain GET of a presigned URL
-        of it (S3) on a worker thread's connection, copied by :class:`proxy.rawbody.BodyCopy`.
+        of it (S3) on a worker thread's connection, copied by :class:`proxy.fetch.rawbody.BodyCopy`.
 
         Through the S3 client (aiohttp on the event loop) a 1 GiB blob held in the bucket only
         came at a third of distribution's speed. This stops short, leaving the rest to

@@ -8,7 +8,7 @@ Every request goes through :meth:`Upstream.request`, which
   downloads are commonly redirected to a CDN);
 * retries connection errors and 502/503/504 with back-off before returning a response;
 * remembers a 429's ``Retry-After`` and fails fast until then, instead of hammering the upstream;
-* translates ``aiohttp``/``OSError`` failures into :class:`proxy.errors.UpstreamError`.
+* translates ``aiohttp``/``OSError`` failures into :class:`proxy.core.errors.UpstreamError`.
 
 Client credentials are never forwarded: only this upstream's configured credentials are used.
 """
@@ -31,15 +31,15 @@ from typing import Any, NoReturn
 import aiohttp
 from yarl import URL
 
-from proxy import threadget
 from proxy.config import UpstreamConfig
-from proxy.errors import (
+from proxy.core.errors import (
     UpstreamRateLimited,
     UpstreamStatus,
     UpstreamUnreachable,
 )
-from proxy.metrics import Metrics
-from proxy.singleflight import SingleFlight
+from proxy.core.metrics import Metrics
+from proxy.core.singleflight import SingleFlight
+from proxy.fetch import threadget
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ class Upstream:
         raise UpstreamStatus("too many redirects", upstream=self.name, url=str(url), status=508)
 
     def count(self, method: str, status: str) -> None:
-        """Count one upstream request by its answer (also those of ``proxy.threadget``)."""
+        """Count one upstream request by its answer (also those of ``proxy.fetch.threadget``)."""
         if self.metrics is not None:
             self.metrics.upstream_requests.labels(self.name, method, status).inc()
 

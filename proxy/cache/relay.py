@@ -16,9 +16,9 @@ import os
 import aiohttp
 from aiohttp import web
 
-from proxy.download import CACHE_RESULT, CHUNK, Cache
-from proxy.errors import BlobUnknown, UpstreamError, to_registry_error
-from proxy.upstream import Upstream
+from proxy.core.errors import BlobUnknown, UpstreamError, to_registry_error
+from proxy.fetch.download import CACHE_RESULT, CHUNK, Cache
+from proxy.fetch.upstream import Upstream
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from proxy.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid
+from proxy.core.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.errors import (
+from proxy.cache.manifests import ManifestService
+from proxy.core.errors import (
     ManifestUnknown,
     RegistryError,
     StorageError,
@@ -44,10 +45,9 @@ from proxy.errors import (
     UpstreamStatus,
     to_registry_error,
 )
-from proxy.manifests import ManifestService
-from proxy.reference import check_digest
-from proxy.singleflight import SingleFlight
-from proxy.upstream import INDEX_TYPES, OCI_INDEX, Upstream
+from proxy.core.reference import check_digest
+from proxy.core.singleflight import SingleFlight
+from proxy.fetch.upstream import INDEX_TYPES, OCI_INDEX, Upstream
 from storage.base import MetadataStore
 
 log = logging.getLogger(__name__)

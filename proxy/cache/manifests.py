@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from proxy.errors import (
+from proxy.core.errors import (
     ManifestUnknown,
     NameUnknown,
     RegistryError,
@@ -31,9 +31,9 @@ from proxy.errors import (
     UpstreamStatus,
     to_registry_error,
 )
-from proxy.reference import digest_of, is_digest
-from proxy.singleflight import SingleFlight
-from proxy.upstream import ACCEPT_MANIFESTS, MANIFEST_TYPES, Upstream
+from proxy.core.reference import digest_of, is_digest
+from proxy.core.singleflight import SingleFlight
+from proxy.fetch.upstream import ACCEPT_MANIFESTS, MANIFEST_TYPES, Upstream
 from storage.base import MetadataStore, TagEntry
 from storage.content import ContentStore
 

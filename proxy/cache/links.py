@@ -25,16 +25,16 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from proxy.errors import (
+from proxy.cache.manifests import Manifest
+from proxy.core.errors import (
     BlobUnknown,
     ManifestUnknown,
     StorageError,
     UpstreamError,
     UpstreamStatus,
 )
-from proxy.manifests import Manifest
-from proxy.singleflight import SingleFlight
-from proxy.upstream import ACCEPT_MANIFESTS, Upstream
+from proxy.core.singleflight import SingleFlight
+from proxy.fetch.upstream import ACCEPT_MANIFESTS, Upstream
 from storage.base import MetadataStore
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ Hierarchy::
     StorageError (storage.errors)     the store failed (disk, object store); never a miss
 
 Foreign exceptions (``aiohttp.ClientError``, ``OSError``) are translated where they are raised, in
-``proxy.upstream`` and ``storage``, and re-raised ``from`` the original.
+``proxy.fetch.upstream`` and ``storage``, and re-raised ``from`` the original.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.commands import CommandError
+from proxy.ops.commands import CommandError
 
 
 async def fetch_status(proxy: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ Claims::
     iat/nbf/exp      (expires_in, default 5 minutes)     jti  random
     access [{"type": "repository", "name": NAME, "actions": ["pull"]}]   only granted scopes
 
-What a token grants is decided by ``proxy.auth`` at issue time (the rules allow the user to pull
+What a token grants is decided by ``proxy.access.auth`` at issue time (the rules allow the user to pull
 NAME through some route) and checked again on every request against the route actually taken, so
 a token never carries more than the rules allow at the time of use. Only ``pull`` is ever
 granted: regproxy is read-only.

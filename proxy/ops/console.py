@@ -2,7 +2,7 @@
 
 Routes (all ``GET``; with ``auth:`` on, only users listed in ``auth.admins``)::
 
-    /_regproxy/                      the page (proxy/console_static/index.html), no build, no CDN
+    /_regproxy/                      the page (proxy/ops/console_static/index.html), no build, no CDN
     /_regproxy/static/<file>         its script and style sheet
     /_regproxy/api/summary           storage vs limit, hit ratio, bytes by source, upstreams,
                                      downloads in flight, top repositories, evictions, pins
@@ -48,8 +48,8 @@ from aiohttp import web
 from aiohttp.web_response import StreamResponse
 
 import proxy.app as regapp
-from proxy.errors import Denied, NameInvalid, RegistryError, StorageError, Unauthorized
-from proxy.reference import parse_image
+from proxy.core.errors import Denied, NameInvalid, RegistryError, StorageError, Unauthorized
+from proxy.core.reference import parse_image
 
 log = logging.getLogger(__name__)
 
