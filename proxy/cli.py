@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy.config import DOCKER_HUB_URL, Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 from proxy.core.errors import RegistryError, StorageError
+from proxy.fetch.settings import DOCKER_HUB_URL
 from proxy.ops import commands
 from proxy.ops.commands import DEFAULT_PROXY
 from storage import ContentStore, WorkSettings, create_store, maintenance

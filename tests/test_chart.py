@@ -38,8 +38,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.access.auth import load_auth
-from proxy.config import Config, ConfigError, load_config, parse_size
+from proxy.config import Config, ConfigError, load_config
+from proxy.core.settings import parse_size
+from proxy.platforms.rules import load_platforms
 from tests.harness.clients import run
 from tests.harness.tools import require_tool
 
@@ -389,12 +390,12 @@ def test_rendered_config_loads_with_regproxy_loader(
         if upstream.get("username"):
             assert config.upstreams[name].username == upstream["username"]
     if spec.get("platforms"):
-        assert config.platforms == spec["platforms"]
+        assert config.platforms == load_platforms(spec["platforms"])
     for pin in (spec.get("cache") or {}).get("pin", []):
         assert pin in config.cache.pin
     auth_spec = spec.get("auth") or {}
     if auth_spec:
-        auth = load_auth(config.auth)
+        auth = config.auth
         assert [(list(r.users), list(r.repositories)) for r in auth.rules] == [
             (r["users"], r["repositories"]) for r in auth_spec["rules"]
         ]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config, parse_duration, parse_size
+from proxy.config import ConfigError, load_config
+from proxy.core.settings import parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.platforms.service import Platform, accepts_index, platform_from_user_agent
+from proxy.platforms.rules import Platform, accepts_index, platform_from_user_agent
 from tests.harness.front import Front
 from tests.harness.images import (
     DOCKER_MANIFEST,

@@ -44,7 +44,7 @@ from proxy.core.reference import (
     is_digest,
     parse_image,
 )
-from proxy.platforms.service import Platform, accepts_index
+from proxy.platforms.rules import Platform, accepts_index
 from tests.harness.front import Front
 from tests.harness.images import (
     DOCKER_LIST,

@@ -49,9 +49,9 @@ from cachetools import TTLCache
 
 from proxy.access.routing import Router
 from proxy.access.tokens import Grant, TokenConfig, TokenSigner, load_token_config, requested_scopes
-from proxy.config import ConfigError
 from proxy.core.errors import Denied, ManifestInvalid, RegistryError, Unauthorized
 from proxy.core.reference import check_name
+from proxy.core.settings import ConfigError
 
 log = logging.getLogger(__name__)
 

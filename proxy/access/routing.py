@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from proxy.config import DOCKER_HUB, DOCKER_HUB_ALIASES, UpstreamConfig
 from proxy.core.errors import NameUnknown
 from proxy.core.reference import check_name
+from proxy.fetch.settings import DOCKER_HUB, DOCKER_HUB_ALIASES, UpstreamConfig
 
 
 class Router:

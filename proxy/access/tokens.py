@@ -20,9 +20,9 @@ Claims::
     iat/nbf/exp      (expires_in, default 5 minutes)     jti  random
     access [{"type": "repository", "name": NAME, "actions": ["pull"]}]   only granted scopes
 
-What a token grants is decided by ``proxy.access.auth`` at issue time (the rules allow the user to pull
-NAME through some route) and checked again on every request against the route actually taken, so
-a token never carries more than the rules allow at the time of use. Only ``pull`` is ever
+What a token grants is decided by ``proxy.access.auth`` at issue time (the rules allow the user
+to pull NAME through some route) and checked again on every request against the route actually
+taken, so a token never carries more than the rules allow at the time of use. Only ``pull`` is ever
 granted: regproxy is read-only.
 """
 
@@ -42,7 +42,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 
-from proxy.config import ConfigError, parse_duration, parse_url
+from proxy.core.settings import ConfigError, parse_duration, parse_url
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@
 * the object store, not local here: a ``307`` to a presigned URL when ``s3.redirect`` is on, a
   ``Range`` read streamed from the bucket, or (a whole GET) a :class:`proxy.fetch.download.Download`
   that fills the local tier while the client follows it;
-* nothing cached: a download from upstream (``proxy.fetch.download``), followed by every client asking
-  meanwhile (:func:`stream_download`) — containerd gives up after 30 s without response headers,
-  so nothing waits for the whole blob.
+* nothing cached: a download from upstream (``proxy.fetch.downloads``), followed by every client
+  asking meanwhile (:func:`stream_download`) — containerd gives up after 30 s without response
+  headers, so nothing waits for the whole blob.
 
 Two rules keep a client from ever receiving a complete but wrong blob:
 
@@ -44,7 +44,8 @@ from proxy.core.errors import (
     UpstreamUnreachable,
     to_registry_error,
 )
-from proxy.fetch.download import CACHE_RESULT, CHUNK, Cache, Download, Downloads
+from proxy.fetch.download import CACHE_RESULT, CHUNK, Cache, Download
+from proxy.fetch.downloads import Downloads
 from proxy.fetch.upstream import Upstream
 from storage.base import LocalFile
 from storage.content import ContentStore

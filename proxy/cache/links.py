@@ -33,8 +33,9 @@ from proxy.core.errors import (
     UpstreamError,
     UpstreamStatus,
 )
+from proxy.core.media import ACCEPT_MANIFESTS
 from proxy.core.singleflight import SingleFlight
-from proxy.fetch.upstream import ACCEPT_MANIFESTS, Upstream
+from proxy.fetch.upstream import Upstream
 from storage.base import MetadataStore
 
 log = logging.getLogger(__name__)

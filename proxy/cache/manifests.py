@@ -31,9 +31,10 @@ from proxy.core.errors import (
     UpstreamStatus,
     to_registry_error,
 )
+from proxy.core.media import ACCEPT_MANIFESTS, MANIFEST_TYPES
 from proxy.core.reference import digest_of, is_digest
 from proxy.core.singleflight import SingleFlight
-from proxy.fetch.upstream import ACCEPT_MANIFESTS, MANIFEST_TYPES, Upstream
+from proxy.fetch.upstream import Upstream
 from storage.base import MetadataStore, TagEntry
 from storage.content import ContentStore
 

@@ -45,9 +45,10 @@ from proxy.core.errors import (
     UpstreamStatus,
     to_registry_error,
 )
+from proxy.core.media import INDEX_TYPES, OCI_INDEX
 from proxy.core.reference import check_digest
 from proxy.core.singleflight import SingleFlight
-from proxy.fetch.upstream import INDEX_TYPES, OCI_INDEX, Upstream
+from proxy.fetch.upstream import Upstream
 from storage.base import MetadataStore
 
 log = logging.getLogger(__name__)

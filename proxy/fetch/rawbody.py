@@ -3,9 +3,9 @@
 On a cold blob the proxy's own work is all there is, and aiohttp's way costs most of it: every
 ~250 KB the event loop runs the HTTP parser, which copies the body into a new ``bytes``, feeds a
 stream reader and wakes the download task; over TLS it decrypts every byte first. So the blob GET
-is made on a connection a worker thread owns (``proxy.fetch.threadget``), and :class:`BodyCopy` reads
-the body from it (a :class:`Source`: ``readv`` on plain TCP, decryption straight into the buffer
-over TLS) into reused 1 MiB buffers (up to eight per download) and appends each to the spool,
+is made on a connection a worker thread owns (``proxy.fetch.threadget``), and :class:`BodyCopy`
+reads the body from it (a :class:`Source`: ``readv`` on plain TCP, decryption straight into the
+buffer over TLS) into reused 1 MiB buffers (up to eight per download) and appends each to the spool,
 while a second thread hashes the filled buffers behind it (``SpoolWriter.append(...,
 hash_later=True)`` and ``SpoolWriter.hash``; all of them release the GIL). The event loop only
 counts the bytes that are in the file (one wake-up at a time) and wakes followers. Memory stays

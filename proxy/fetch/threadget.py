@@ -13,12 +13,12 @@ origin only, as in :mod:`proxy.fetch.upstream`), a body of announced length with
 content coding, and error answers read when small, over a direct connection: a URL the
 environment sends through a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``: :func:`env_proxy`)
 raises :class:`ProxyRequired`, and the caller asks through aiohttp, which
-:mod:`proxy.fetch.upstream` points at that proxy. The caller (``proxy.fetch.download``) takes up a
-``401`` through :meth:`proxy.fetch.upstream.Upstream.authorize` and raises a ``404`` or ``429`` through
-:meth:`proxy.fetch.upstream.Upstream.raise_for`; what needs more (a ``5xx`` to retry with back-off,
-chunked framing, a failure to connect) is asked again through
-:meth:`proxy.fetch.upstream.Upstream.request`. Connections whose body was read to its end are kept for the
-next blob from the same origin (Docker Hub sends every blob to one CDN host), at most
+:mod:`proxy.fetch.upstream` points at that proxy. The caller (``proxy.fetch.downloads``) takes up
+a ``401`` through :meth:`proxy.fetch.upstream.Upstream.authorize` and raises a ``404`` or ``429``
+through :meth:`proxy.fetch.upstream.Upstream.raise_for`; what needs more (a ``5xx`` to retry with
+back-off, chunked framing, a failure to connect) is asked again through
+:meth:`proxy.fetch.upstream.Upstream.request`. Connections whose body was read to its end are kept
+for the next blob from the same origin (Docker Hub sends every blob to one CDN host), at most
 ``POOL_PER_ORIGIN`` each for ``POOL_IDLE`` seconds.
 """
 

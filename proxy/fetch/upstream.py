@@ -31,7 +31,6 @@ from typing import Any, NoReturn
 import aiohttp
 from yarl import URL
 
-from proxy.config import UpstreamConfig
 from proxy.core.errors import (
     UpstreamRateLimited,
     UpstreamStatus,
@@ -40,17 +39,9 @@ from proxy.core.errors import (
 from proxy.core.metrics import Metrics
 from proxy.core.singleflight import SingleFlight
 from proxy.fetch import threadget
+from proxy.fetch.settings import UpstreamConfig
 
 log = logging.getLogger(__name__)
-
-MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-MANIFEST_LIST_V2 = "application/vnd.docker.distribution.manifest.list.v2+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MANIFEST_TYPES = (MANIFEST_V2, MANIFEST_LIST_V2, OCI_MANIFEST, OCI_INDEX)
-INDEX_TYPES = (MANIFEST_LIST_V2, OCI_INDEX)
-#: What regproxy asks upstream for: every manifest type, so the cached answer suits any client.
-ACCEPT_MANIFESTS = ", ".join(MANIFEST_TYPES)
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 #: Tokens without ``expires_in`` live 60 s (Docker's token spec); refresh a little early.

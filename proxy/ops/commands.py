@@ -10,9 +10,9 @@ from typing import Any
 
 import aiohttp
 
+from proxy.core.media import ACCEPT_MANIFESTS, INDEX_TYPES
 from proxy.core.reference import parse_image
-from proxy.fetch.upstream import ACCEPT_MANIFESTS, INDEX_TYPES
-from proxy.platforms.service import Platform
+from proxy.platforms.rules import Platform
 
 DEFAULT_PROXY = "http://127.0.0.1:5000"
 

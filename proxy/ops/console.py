@@ -2,7 +2,7 @@
 
 Routes (all ``GET``; with ``auth:`` on, only users listed in ``auth.admins``)::
 
-    /_regproxy/                      the page (proxy/ops/console_static/index.html), no build, no CDN
+    /_regproxy/                      the page (ops/console_static/index.html), no build, no CDN
     /_regproxy/static/<file>         its script and style sheet
     /_regproxy/api/summary           storage vs limit, hit ratio, bytes by source, upstreams,
                                      downloads in flight, top repositories, evictions, pins
@@ -47,9 +47,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_response import StreamResponse
 
-import proxy.app as regapp
 from proxy.core.errors import Denied, NameInvalid, RegistryError, StorageError, Unauthorized
 from proxy.core.reference import parse_image
+from proxy.ops.settings import ConsoleConfig
+from proxy.registry import keys
+from proxy.registry.routes import route_for, split_path
+from storage.settings import CacheSettings
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +96,21 @@ class _UpstreamState:
 class Console:
     """The console's own state: history ring, bytes per repository, evictions, rates."""
 
-    def __init__(self, app: web.Application, *, sample_every: float, keep: float) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        settings: ConsoleConfig,
+        cache_settings: CacheSettings,
+        *,
+        redis: bool,
+    ) -> None:
         self.app = app
-        self.sample_every = sample_every
-        self.history: deque[Sample] = deque(maxlen=max(2, int(keep / sample_every) + 1))
+        self.sample_every = settings.sample_every
+        self.cache_settings = cache_settings
+        self.redis = redis
+        self.history: deque[Sample] = deque(
+            maxlen=max(2, int(settings.history / settings.sample_every) + 1)
+        )
         self.repo_bytes: Counter[str] = Counter()
         #: Evicted files, newest last; appended from the eviction thread (deque is thread-safe).
         self.evicted: deque[dict[str, Any]] = deque(maxlen=EVICTED_KEPT)
@@ -118,8 +132,8 @@ class Console:
         if not 200 <= response.status < 300 or request.get("cache") == "miss-aborted":
             return
         try:
-            name, _, _ = regapp.split_path(request.match_info["path"])
-            upstream, repository = self.app[regapp.ROUTER].route(name, request.query.get("ns"))
+            name, _, _ = split_path(request.match_info["path"])
+            upstream, repository = self.app[keys.ROUTER].route(name, request.query.get("ns"))
         except (web.HTTPException, RegistryError, KeyError):
             return
         # Body bytes, counted as regproxy_cache_served_bytes_total counts them.
@@ -154,7 +168,7 @@ class Console:
                 log.exception("console sample failed")
 
     def sample(self) -> Sample:
-        cache = self.app[regapp.CACHE]
+        cache = self.app[keys.CACHE]
         hits, misses = self._hits_misses()
         ratio = None
         if self.history:
@@ -169,7 +183,7 @@ class Console:
         return sample
 
     def _metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        value = self.app[regapp.METRICS].registry.get_sample_value(name, labels or {})
+        value = self.app[keys.METRICS].registry.get_sample_value(name, labels or {})
         return value or 0.0
 
     def _hits_misses(self) -> tuple[int, int]:
@@ -181,7 +195,7 @@ class Console:
         """Fold new upstream request outcomes (from the metrics) into each upstream's state."""
         now = time.time()
         with self._lock:
-            for metric in self.app[regapp.METRICS].registry.collect():
+            for metric in self.app[keys.METRICS].registry.collect():
                 if metric.name != "regproxy_upstream_requests":
                     continue
                 for s in metric.samples:
@@ -205,8 +219,7 @@ class Console:
 
     async def summary(self, user: str | None) -> dict[str, Any]:
         app = self.app
-        config = app[regapp.CONFIG]
-        cache = app[regapp.CACHE]
+        cache = app[keys.CACHE]
         hits, misses = self._hits_misses()
         from_cache = int(self._metric("regproxy_cache_served_bytes_total", {"source": "cache"}))
         from_upstream = int(
@@ -214,18 +227,19 @@ class Console:
         )
         self._check_upstreams()
         limit = cache.limit
+        bounds = self.cache_settings
         return {
             "replica": self.replica(),
             "storage": {
                 "used_bytes": cache.used,
                 "limit_bytes": limit,
                 "used_fraction": round(cache.used / limit, 4) if limit else None,
-                "high_watermark": config.cache.high_watermark,
-                "low_watermark": config.cache.low_watermark,
-                "high_watermark_bytes": int(limit * config.cache.high_watermark) if limit else None,
-                "low_watermark_bytes": int(limit * config.cache.low_watermark) if limit else None,
+                "high_watermark": bounds.high_watermark,
+                "low_watermark": bounds.low_watermark,
+                "high_watermark_bytes": int(limit * bounds.high_watermark) if limit else None,
+                "low_watermark_bytes": int(limit * bounds.low_watermark) if limit else None,
                 "full": cache.full,
-                "blob_ttl_seconds": config.cache.blob_ttl,
+                "blob_ttl_seconds": bounds.blob_ttl,
             },
             "traffic": {
                 "hits": hits,
@@ -247,21 +261,21 @@ class Console:
                 "recent": list(reversed(self.evicted)),
                 "tracked": self.tracks_evictions,
             },
-            "pinned": list(config.cache.pin),
+            "pinned": list(self.cache_settings.pin),
             "fleet": await self.fleet(user),
         }
 
     def replica(self) -> dict[str, Any]:
         return {
             "hostname": socket.gethostname(),
-            "instance": self.app[regapp.STORAGE].instance,
+            "instance": self.app[keys.STORAGE].instance,
             "started_at": round(self.started_at, 3),
-            "redis": self.app[regapp.CONFIG].redis_url is not None,
+            "redis": self.redis,
         }
 
     def _upstream_requests_total(self) -> float:
         total = 0.0
-        for metric in self.app[regapp.METRICS].registry.collect():
+        for metric in self.app[keys.METRICS].registry.collect():
             if metric.name == "regproxy_upstream_requests":
                 total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
         return total
@@ -269,7 +283,7 @@ class Console:
     def upstreams(self) -> list[dict[str, Any]]:
         out = []
         now = time.monotonic()
-        for name, upstream in self.app[regapp.UPSTREAMS].by_name.items():
+        for name, upstream in self.app[keys.UPSTREAMS].by_name.items():
             state = self._upstreams.get(name, _UpstreamState())
             reset_in = max(0.0, upstream.backoff_until - now)
             if reset_in > 0:
@@ -305,7 +319,7 @@ class Console:
         now = time.monotonic()
         out = []
         live = set()
-        for digest, dl in list(self.app[regapp.BLOBS].downloads.items()):
+        for digest, dl in list(self.app[keys.BLOBS].downloads.items()):
             if dl.done:
                 continue
             live.add(digest)
@@ -332,7 +346,7 @@ class Console:
         return out
 
     def top_repositories(self, user: str | None) -> dict[str, list[dict[str, Any]]]:
-        pulls = self.app[regapp.USAGE].pulls
+        pulls = self.app[keys.USAGE].pulls
         return {
             "by_bytes": [
                 {"repository": repo, "bytes": n, "pulls": pulls.get(repo, 0)}
@@ -355,14 +369,14 @@ class Console:
         return out
 
     def _may_see(self, user: str | None, upstream: str, repository: str) -> bool:
-        auth = self.app[regapp.AUTH]
+        auth = self.app[keys.AUTH]
         return not auth.enabled or auth.allowed(user, upstream, repository)
 
     async def fleet(self, user: str | None) -> dict[str, Any]:
         """Every replica's usage, summed: this one's live, the others' from their stats files
         (``stats/<host>.json`` in the store, as ``regproxy cache stats`` reads them)."""
-        usage = self.app[regapp.USAGE]
-        store = self.app[regapp.STORAGE]
+        usage = self.app[keys.USAGE]
+        store = self.app[keys.STORAGE]
         replicas, hits, misses = 1, usage.hits, usage.misses
         pulls: Counter[str] = Counter(usage.pulls)
         try:
@@ -389,9 +403,9 @@ class Console:
     async def inspect(self, request: web.Request, image: str) -> dict[str, Any]:
         """The ``/_regproxy/inspect`` data, plus whether each platform is cached here."""
         ref = parse_image(image)
-        upstream, repository = await regapp._route(request, ref.repository)
+        upstream, repository = await route_for(request, ref.repository)
         tag = ref.tag or "latest"
-        manifest, entries = await self.app[regapp.PLATFORMS].describe(upstream, repository, tag)
+        manifest, entries = await self.app[keys.PLATFORMS].describe(upstream, repository, tag)
         platforms = []
         for entry in entries:
             row = entry.describe()
@@ -406,7 +420,7 @@ class Console:
 
     async def _cached(self, digest: str) -> dict[str, Any]:
         """``cached``: "yes" (manifest and every blob here), "partial" or "no"; and the bytes."""
-        found = await self.app[regapp.MANIFESTS].local(digest)
+        found = await self.app[keys.MANIFESTS].local(digest)
         if found is None or found.data is None:
             return {"cached": "no", "image_bytes": None, "cached_bytes": 0}
         try:
@@ -414,7 +428,7 @@ class Console:
         except ValueError:
             return {"cached": "yes", "image_bytes": None, "cached_bytes": 0}
         blobs = [doc.get("config") or {}, *(doc.get("layers") or [])]
-        storage = self.app[regapp.STORAGE]
+        storage = self.app[keys.STORAGE]
         total = cached = 0
         missing = False
         for blob in blobs:
@@ -456,7 +470,7 @@ def _watch_evictions(cache: Any, console: Console) -> None:
 async def require_admin(request: web.Request) -> str | None:
     """The user, once allowed: anyone without ``auth:``; else only ``auth.admins``."""
     request["route"] = "console"
-    auth = request.app[regapp.AUTH]
+    auth = request.app[keys.AUTH]
     if not auth.enabled:
         return None
     user = await auth.user(request.headers.get("Authorization"))
@@ -522,7 +536,9 @@ async def handle_inspect(request: web.Request) -> web.StreamResponse:
     return _no_store(web.json_response(result))
 
 
-def setup_console(app: web.Application) -> None:
+def setup_console(
+    app: web.Application, settings: ConsoleConfig, cache: CacheSettings, *, redis: bool
+) -> None:
     """Register the console's routes and its lifetime (after the app's own resources)."""
     app.router.add_get("/_regproxy/", handle_page)
     app.router.add_get("/_regproxy", handle_page)
@@ -530,16 +546,16 @@ def setup_console(app: web.Application) -> None:
     app.router.add_get("/_regproxy/api/summary", handle_summary)
     app.router.add_get("/_regproxy/api/history", handle_history)
     app.router.add_get("/_regproxy/api/inspect", handle_inspect)
-    app.cleanup_ctx.append(_console_lifetime)
 
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        console = Console(app, settings, cache, redis=redis)
+        app[CONSOLE] = console
+        app[keys.OBSERVERS].append(console.observe)
+        _watch_evictions(app[keys.CACHE], console)
+        await console.start()
+        try:
+            yield
+        finally:
+            await console.stop()
 
-async def _console_lifetime(app: web.Application) -> AsyncIterator[None]:
-    settings = app[regapp.CONFIG].console
-    console = Console(app, sample_every=settings.sample_every, keep=settings.history)
-    app[CONSOLE] = console
-    _watch_evictions(app[regapp.CACHE], console)
-    await console.start()
-    try:
-        yield
-    finally:
-        await console.stop()
+    app.cleanup_ctx.append(lifetime)

@@ -55,12 +55,14 @@ from proxy.access.auth import Authenticator
 from proxy.cache.blobs import BlobService
 from proxy.cache.links import Links
 from proxy.cache.manifests import Manifest, ManifestService
-from proxy.config import SyncConfig, SyncEntry
 from proxy.core.errors import RegistryError, StorageError, UpstreamError
+from proxy.core.media import INDEX_TYPES
 from proxy.core.metrics import Metrics
 from proxy.core.reference import is_digest, parse_image
-from proxy.fetch.upstream import INDEX_TYPES, Upstream, Upstreams
-from proxy.platforms.service import Entry, Platform, PlatformService, Rule, index_entries, render
+from proxy.fetch.upstream import Upstream, Upstreams
+from proxy.ops.settings import SyncConfig, SyncEntry
+from proxy.platforms.rules import Entry, Platform, Rule, index_entries, render
+from proxy.platforms.service import PlatformService
 from storage.eviction import CacheManager
 from storage.redis import key as redis_key
 
