@@ -1,4 +1,4 @@
-"""Cold blobs read by worker threads on their own upstream connections (``proxy/threadget.py``,
+"""Cold blobs read by worker threads on their own upstream connections (``proxy/fetch/threadget.py``,
 ``proxy/rawbody.py``).
 
 Every blob GET is made by a thread rather than through aiohttp; these tests hold that path to
