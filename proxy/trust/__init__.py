@@ -1,0 +1,1 @@
+"""Trust policy on the pull path (issue #23): deny, allowed tags, cosign signatures."""
