@@ -29,8 +29,6 @@ from proxy.fetch.upstream import Upstreams
 from proxy.ops.console import setup_console
 from proxy.ops.sync import SYNC, SyncService, handle_sync_status
 from proxy.platforms.service import PlatformService
-from proxy.trust.service import TrustService
-from proxy.trust.settings import TrustSettings
 from proxy.registry.keys import (
     AUTH,
     BLOBS,
@@ -49,6 +47,8 @@ from proxy.registry.keys import (
 )
 from proxy.registry.middleware import AccessLogger, api_headers_middleware
 from proxy.registry.routes import add_routes, handle_other
+from proxy.trust.service import TrustService
+from proxy.trust.settings import TrustSettings
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager

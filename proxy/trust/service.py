@@ -148,8 +148,8 @@ class TrustService:
         if entry is not None:
             self._rules(entry, upstream.name, repository, tag)
         if synthesized:
-            assert tag is not None
-            await self._admit_synthesized(upstream, repository, tag, manifest)
+            assert tag is not None and self.platforms is not None
+            await self._admit_synthesized(upstream, repository, tag, manifest, self.platforms)
             return
         if entry is None or not entry.keys or self._metadata(tag, manifest):
             return
@@ -206,13 +206,18 @@ class TrustService:
     # -- synthesized indexes ---------------------------------------------------------------------
 
     async def _admit_synthesized(
-        self, upstream: Upstream, repository: str, tag: str, manifest: Manifest
+        self,
+        upstream: Upstream,
+        repository: str,
+        tag: str,
+        manifest: Manifest,
+        platforms: PlatformService,
     ) -> None:
         """Every platform manifest passes the policy of the repository it came from."""
         fingerprint = self.settings.fingerprint
         if self._known(upstream.name, repository, manifest.digest, fingerprint) is not None:
             return
-        served, entries = await self.platforms.describe(upstream, repository, tag)
+        served, entries = await platforms.describe(upstream, repository, tag)
         if served.digest != manifest.digest:
             return  # the tag moved meanwhile: the next request checks the new document
         pulled = self.name(upstream.name, repository)
@@ -400,18 +405,15 @@ class TrustService:
             if verdict is not None:
                 return verdict
             best = _better(best, outcome)
-        if self.referrers is not None:
-            try:
-                referrers = await self._referrer_signatures(upstream, repository, digest)
-            except RegistryError as exc:
-                referrers, failure = [], failure or exc
-            for data in referrers:
-                verdict, outcome = await self._check_manifest(
-                    upstream, repository, digest, entry, data
-                )
-                if verdict is not None:
-                    return verdict
-                best = _better(best, outcome)
+        try:
+            referrers = await self._referrer_signatures(upstream, repository, digest)
+        except RegistryError as exc:
+            referrers, failure = [], failure or exc
+        for data in referrers:
+            verdict, outcome = await self._check_manifest(upstream, repository, digest, entry, data)
+            if verdict is not None:
+                return verdict
+            best = _better(best, outcome)
         if best is not None:
             return Verdict(False, reason=best.value)
         if failure is not None:
@@ -439,6 +441,8 @@ class TrustService:
     async def _referrer_signatures(
         self, upstream: Upstream, repository: str, digest: str
     ) -> list[bytes]:
+        if self.referrers is None:
+            return []
         answer = await self.referrers.get(upstream, repository, digest, None)
         try:
             index = json.loads(answer.body)
