@@ -29,6 +29,7 @@ from proxy.config import ConfigError, build_config
 from proxy.trust import cosign as verifier
 from proxy.trust.settings import load_key
 from tests.harness import cosign
+from tests.harness.clients import Dockerd, Podman
 from tests.harness.front import FlipByte, Front, blob, manifest
 from tests.harness.images import SeededImage, build_image, push_image, skopeo
 from tests.harness.proxyproc import REPO_ROOT, ProxyProcess
@@ -162,6 +163,7 @@ def _policy(paths: dict[str, Path], names: tuple[str, ...]) -> dict[str, object]
 SPECS: dict[str, dict[str, object]] = {
     "myorg/signed:1": {},
     "myorg/signed2:1": {},
+    "myorg/inspected:1": {"fmt": "docker"},
     "myorg/unsigned:1": {},
     "myorg/otherkey:1": {},
     "myorg/overdigest:1": {},
@@ -210,6 +212,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             sigs[ref] = cosign.sign(url, image.repository, image.digest, keys[key], **kw)  # type: ignore[arg-type]
 
         for ref in (
+            "myorg/inspected:1",
             "myorg/signed:1",
             "myorg/signed2:1",
             "myorg/flipsig:1",
@@ -446,10 +449,20 @@ def test_policy_check_and_inspect_commands(world: World) -> None:
     result = json.loads(refused.stdout)
     assert result["allowed"] is False
     assert result["message"].endswith("no signature by these keys")
-    inspect = regproxy("inspect", "myorg/rsa:1", "--proxy", world.proxy.url)
+    # before any pull: the index is verified, and covers its platforms
+    inspect = regproxy("inspect", "myorg/inspected:1", "--proxy", world.proxy.url)
     assert inspect.returncode == 0, inspect.stderr
     assert "SIGNED" in inspect.stdout
-    assert f"yes: {world.key_paths['rsa']}" in inspect.stdout
+    index = world.images["myorg/inspected:1"].digest
+    lines = [line for line in inspect.stdout.splitlines() if line.startswith("linux/")]
+    assert len(lines) == 2
+    assert all(line.endswith(f"yes: {key} via index {index[:19]}") for line in lines), lines
+    # the console's search box shows the same
+    status, _, body = get(f"{world.proxy.url}/_regproxy/api/inspect?image=myorg/unsigned:1")
+    assert status == 200
+    rows = json.loads(body)["platforms"]
+    assert {r["trust"]["signed"] for r in rows} == {False}
+    assert {r["trust"]["reason"] for r in rows} == {"no signature found"}
 
 
 def test_removed_key_refuses_cached_image_after_sighup(world: World, tmp_path: Path) -> None:
@@ -485,3 +498,27 @@ def test_removed_key_refuses_cached_image_after_sighup(world: World, tmp_path: P
         while get(url)[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert get(url)[:3:2] == (200, image.raw)
+
+
+@pytest.mark.e2e
+def test_docker_pulls_a_signed_image_through_the_mirror(world: World) -> None:
+    image = world.images["myorg/signed:1"]
+    with Dockerd([world.proxy.url]) as d:
+        d.pull("myorg/signed:1", platform="linux/arm64")
+        assert d.inspect_arch("myorg/signed:1") == ("linux", "arm64", "v8")
+        assert d.repo_digests("myorg/signed:1") == [f"myorg/signed@{image.digest}"]
+        refused = d.pull("myorg/unsigned:1", check=False)
+        assert refused.returncode != 0
+
+
+@pytest.mark.e2e
+def test_podman_pulls_a_signed_image_through_the_mirror(world: World) -> None:
+    with Podman([world.proxy.url]) as p:
+        p.pull("docker.io/myorg/rsa:1", arch="arm64")
+        assert p.inspect_arch("docker.io/myorg/rsa:1") == ("linux", "arm64", "v8")
+        refused = p.pull("docker.io/myorg/unsigned:1", check=False)
+        assert refused.returncode != 0
+        world_image = world.images["myorg/unsigned:1"]
+        assert f"myorg/unsigned@{world_image.digest} has no signature" in refused.stderr, (
+            refused.stderr
+        )

@@ -240,8 +240,9 @@ async def handle_inspect(request: web.Request) -> web.Response:
     trust = request.app[TRUST]
     platforms = [e.describe() for e in entries]
     if trust.enabled:
-        for described in platforms:
-            described["trust"] = await trust.describe(upstream, repository, described["digest"])
+        verdicts = await trust.describe_all(upstream, repository, ref.tag or "latest", manifest)
+        for described, verdict in zip(platforms, verdicts, strict=False):
+            described["trust"] = verdict
     return web.json_response(
         {
             "image": f"{upstream.name}/{repository}:{ref.tag or 'latest'}",
@@ -277,11 +278,11 @@ async def handle_policy_check(request: web.Request) -> web.Response:
         result["allowed"], result["message"] = False, exc.message
     described = []
     if manifest.media_type in INDEX_TYPES and manifest.data is not None:
-        for item in index_entries(manifest):
-            one = item.describe()
-            if trust.enabled:
-                one["trust"] = await trust.describe(upstream, repository, one["digest"])
-            described.append(one)
+        described = [item.describe() for item in index_entries(manifest)]
+        if trust.enabled:
+            verdicts = await trust.describe_all(upstream, repository, reference, manifest)
+            for one, verdict in zip(described, verdicts, strict=False):
+                one["trust"] = verdict
     result["platforms"] = described
     return web.json_response(result)
 

@@ -470,6 +470,17 @@ class TrustService:
 
     # -- what inspect and ``policy check`` show --------------------------------------------------
 
+    async def describe_all(
+        self, upstream: Upstream, repository: str, reference: str, manifest: Manifest
+    ) -> list[dict[str, Any]]:
+        """:meth:`describe` for each platform of an index, once the index itself was checked
+        (a verified index covers its platforms)."""
+        with contextlib.suppress(Denied):
+            await self.admit(upstream, repository, reference, manifest)
+        if manifest.data is None or manifest.media_type not in INDEX_TYPES:
+            return [await self.describe(upstream, repository, manifest.digest)]
+        return [await self.describe(upstream, repository, d) for d in _children(manifest.data)]
+
     async def describe(self, upstream: Upstream, repository: str, digest: str) -> dict[str, Any]:
         """The policy's view of one manifest: rule, and whether and how it is signed."""
         entry = self.entry_for(upstream.name, repository)
