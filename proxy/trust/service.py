@@ -106,6 +106,8 @@ class TrustService:
         #: (upstream, repository, digest) -> (fingerprint, verdict): good verdicts only.
         self._memo: LRUCache[tuple[str, str, str], tuple[str, Verdict]] = LRUCache(20_000)
         self.metrics = metrics
+        #: (upstream, repository) -> the entry that decides (globs matched once per name).
+        self._entries: LRUCache[tuple[str, str], PolicyEntry | None] = LRUCache(20_000)
 
     @property
     def enabled(self) -> bool:
@@ -115,6 +117,7 @@ class TrustService:
         """Take a new policy; verdicts reached under the old one no longer count."""
         old, self.settings = self.settings.fingerprint, settings
         self._memo.clear()
+        self._entries.clear()
         log.info(
             "trust policy loaded entries=%d fingerprint=%s previous=%s",
             len(settings.entries),
@@ -123,9 +126,14 @@ class TrustService:
         )
 
     def entry_for(self, upstream: str, repository: str) -> PolicyEntry | None:
-        return self.settings.entry_for(
+        key = (upstream, repository)
+        if key in self._entries:
+            return self._entries[key]
+        entry = self.settings.entry_for(
             upstream, repository, default=upstream == self.default_upstream
         )
+        self._entries[key] = entry
+        return entry
 
     def name(self, upstream: str, repository: str) -> str:
         return repository if upstream == self.default_upstream else f"{upstream}/{repository}"
@@ -151,7 +159,12 @@ class TrustService:
             assert tag is not None and self.platforms is not None
             await self._admit_synthesized(upstream, repository, tag, manifest, self.platforms)
             return
-        if entry is None or not entry.keys or self._metadata(tag, manifest):
+        if entry is None or not entry.keys:
+            return
+        fingerprint = self.settings.fingerprint
+        if self._known(upstream.name, repository, manifest.digest, fingerprint) is not None:
+            return  # the warm path: one dictionary lookup
+        if self._metadata(tag, manifest):
             return
         verdict = await self.verdict(upstream, repository, manifest.digest, entry, manifest)
         if not verdict.ok:
