@@ -115,7 +115,7 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,  # ~60 s idle; the trust scenario (issue #23) adds ~8 s, a loaded CI more
         check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -298,6 +298,10 @@ def test_signed_image_is_pulled_and_verified_once(world: World, tmp_path: Path) 
     assert (status, body, headers["X-Cache"]) == (200, image.raw, "HIT")
     assert metric(world.proxy, "regproxy_trust_verifications_total", result="verified") == after
     assert [r for r in world.front.requests if ".sig" in r.path] == []
+    # the signature itself is metadata: readable through the proxy, as cosign reads it
+    sig_tag = image.digest.replace(":", "-") + ".sig"
+    status, _, body = get(f"{world.proxy.url}/v2/myorg/signed/manifests/{sig_tag}")
+    assert (status, body) == (200, world.signatures["myorg/signed:1"])
 
 
 @pytest.mark.parametrize(
