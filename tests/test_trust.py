@@ -155,6 +155,8 @@ def _policy(paths: dict[str, Path], names: tuple[str, ...]) -> dict[str, object]
                     "sources": {"linux/arm64/v8": "myorg/multi-arm:{tag}"},
                 },
                 {"repository": "myorg/half", "sources": {"linux/arm64/v8": "myorg/half-arm:{tag}"}},
+                # no policy entry matches open/*: its sources' policies still do
+                {"repository": "open/half", "sources": {"linux/arm64/v8": "myorg/half-arm:{tag}"}},
             ]
         },
     }
@@ -177,6 +179,7 @@ SPECS: dict[str, dict[str, object]] = {
     "myorg/multi-arm:1": {"platforms": ("linux/arm64/v8",)},
     "myorg/half:1": {"platforms": ("linux/amd64",), "single": True},
     "myorg/half-arm:1": {"platforms": ("linux/arm64/v8",), "single": True},
+    "open/half:1": {"platforms": ("linux/amd64",), "single": True},
     "library/alpine:3.19": {},
     "library/alpine:edge": {},
     "denied/thing:1": {},
@@ -391,6 +394,22 @@ def test_synthesized_index_passes_when_every_platform_does(world: World) -> None
         f"myorg/half:1 includes myorg/half-arm:1 ({half_arm.digest}), which has no signature by "
         "the keys of policy entry 1 (myorg/*): no signature found" in out
     ), out
+    # under a repository no entry matches, the source's policy decides, for the index and for
+    # the platform manifest asked for by digest
+    status, _, body = get(f"{url}/v2/open/half/manifests/1")
+    assert status == 403, body
+    assert json.loads(body)["errors"][0]["message"].startswith(
+        "open/half:1 includes myorg/half-arm:1"
+    )
+    status, _, body = get(f"{url}/v2/open/half/manifests/{half_arm.digest}")
+    assert status == 403, body
+    assert json.loads(body)["errors"][0]["message"] == (
+        f"open/half@{half_arm.digest} comes from myorg/half-arm and has no signature by the keys "
+        "of policy entry 1 (myorg/*): no signature found"
+    )
+    # the pulled repository's own platform, by digest: no policy, served
+    own = world.images["open/half:1"]
+    assert get(f"{url}/v2/open/half/manifests/{own.digest}")[:3:2] == (200, own.raw)
 
 
 def test_signature_with_a_flipped_byte_is_never_trusted(world: World) -> None:

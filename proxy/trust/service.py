@@ -159,6 +159,8 @@ class TrustService:
             assert tag is not None and self.platforms is not None
             await self._admit_synthesized(upstream, repository, tag, manifest, self.platforms)
             return
+        if tag is None and self.platforms is not None and self.platforms.config.rules:
+            await self._admit_from_source(upstream, repository, manifest, self.platforms)
         if entry is None or not entry.keys:
             return
         fingerprint = self.settings.fingerprint
@@ -262,12 +264,46 @@ class TrustService:
                     f"the keys of {entry.label}: {verdict.reason}",
                 )
         good = Verdict(True, via=None, key=None)
-        await self._record(upstream.name, repository, manifest.digest, good, "synthesized")
+        await self._record(
+            upstream.name, repository, manifest.digest, good, "synthesized", fingerprint
+        )
         for item in entries:
             digest = item.descriptor.get("digest")
             if isinstance(digest, str):
                 child = Verdict(True, via=manifest.digest)
-                await self._record(upstream.name, repository, digest, child, "synthesized")
+                await self._record(
+                    upstream.name, repository, digest, child, "synthesized", fingerprint
+                )
+
+    async def _admit_from_source(
+        self, upstream: Upstream, repository: str, manifest: Manifest, platforms: PlatformService
+    ) -> None:
+        """A platform manifest synthesized from another repository and asked for by digest under
+        the pulled one: unless a synthesized index listing it was admitted, the policy of the
+        repository it comes from applies too."""
+        digest = manifest.digest
+        source, src_repo = await platforms.source_of(upstream, repository, digest)
+        if (source.name, src_repo) == (upstream.name, repository):
+            return
+        if await self.recorded(upstream.name, repository, digest) is not None:
+            return
+        entry = self.entry_for(source.name, src_repo)
+        if entry is None:
+            return
+        label = f"{self.name(upstream.name, repository)}@{digest}"
+        src = self.name(source.name, src_repo)
+        if entry.deny:
+            self._refuse(entry, "deny", f"{label} comes from {src}, denied by {entry.label}")
+        if not entry.keys or self._metadata(None, manifest):
+            return
+        verdict = await self.verdict(source, src_repo, digest, entry, manifest)
+        if not verdict.ok:
+            self._refuse(
+                entry,
+                "require_signature",
+                f"{label} comes from {src} and has no signature by the keys of {entry.label}: "
+                f"{verdict.reason}",
+            )
 
     def _source(
         self, upstream: Upstream, repository: str, tag: str, source: str
@@ -320,9 +356,16 @@ class TrustService:
         return verdict
 
     async def _record(
-        self, upstream: str, repository: str, digest: str, verdict: Verdict, how: str
+        self,
+        upstream: str,
+        repository: str,
+        digest: str,
+        verdict: Verdict,
+        how: str,
+        fingerprint: str,
     ) -> None:
-        fingerprint = self.settings.fingerprint
+        """Record a good verdict under the policy it was reached with (``fingerprint``, taken
+        before the work began: a reload meanwhile must not lend it the new policy's name)."""
         self._memo[(upstream, repository, digest)] = (fingerprint, verdict)
         record = {
             "fingerprint": fingerprint,
@@ -357,7 +400,9 @@ class TrustService:
         fingerprint = self.settings.fingerprint
         return await self._verifications.run(
             (upstream.name, repository, digest, fingerprint),
-            lambda: self._verify_and_record(upstream, repository, digest, entry, manifest),
+            lambda: self._verify_and_record(
+                upstream, repository, digest, entry, manifest, fingerprint
+            ),
         )
 
     async def _verify_and_record(
@@ -367,6 +412,7 @@ class TrustService:
         digest: str,
         entry: PolicyEntry,
         manifest: Manifest | None,
+        fingerprint: str,
     ) -> Verdict:
         verdict = await self.verify(upstream, repository, digest, entry)
         if self.metrics is not None:
@@ -385,7 +431,7 @@ class TrustService:
             digest,
             verdict.key,
         )
-        await self._record(upstream.name, repository, digest, verdict, "signed")
+        await self._record(upstream.name, repository, digest, verdict, "signed", fingerprint)
         if manifest is None or (manifest.media_type in INDEX_TYPES and manifest.data is None):
             with contextlib.suppress(RegistryError):
                 manifest = await self.manifests.by_digest(upstream, repository, digest, head=False)
@@ -393,7 +439,9 @@ class TrustService:
             for child in _children(manifest.data):
                 covered = Verdict(True, key=verdict.key, via=digest)
                 if await self.recorded(upstream.name, repository, child) is None:
-                    await self._record(upstream.name, repository, child, covered, "covered")
+                    await self._record(
+                        upstream.name, repository, child, covered, "covered", fingerprint
+                    )
         return verdict
 
     async def verify(
