@@ -34,6 +34,7 @@ from tests.harness.front import FlipByte, Front, blob, manifest
 from tests.harness.images import SeededImage, build_image, push_image, skopeo
 from tests.harness.proxyproc import REPO_ROOT, ProxyProcess
 from tests.harness.push import sha256_digest
+from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry, start_registry
 
 ACCEPT = ",".join(
@@ -545,3 +546,25 @@ def test_podman_pulls_a_signed_image_through_the_mirror(world: World) -> None:
         assert f"myorg/unsigned@{world_image.digest} has no signature" in refused.stderr, (
             refused.stderr
         )
+
+
+def test_replicas_share_verdicts_through_redis(
+    world: World, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A verdict reached by one replica is the other's: no second verification, no signature
+    request upstream; each replica keeps checking it against its own policy's fingerprint."""
+    image = world.images["myorg/multi-arm:1"]
+    volume = tmp_path / "shared"
+    args = ["--config", str(world.config), "--redis", redis_server.url]
+    a = ProxyProcess(world.front.url, volume, extra_args=args, log_path=tmp_path / "a.log")
+    b = ProxyProcess(world.front.url, volume, extra_args=args, log_path=tmp_path / "b.log")
+    with a, b:
+        assert get(f"{a.url}/v2/myorg/multi-arm/manifests/1")[:3:2] == (200, image.raw)
+        assert metric(a, "regproxy_trust_verifications_total", result="verified") == 1
+        world.front.reset()
+        for child in image.children.values():
+            url = f"{b.url}/v2/myorg/multi-arm/manifests/{child.digest}"
+            assert get(url)[:3:2] == (200, child.raw)  # covered by the index a verified
+        assert get(f"{b.url}/v2/myorg/multi-arm/manifests/1")[:3:2] == (200, image.raw)
+        assert metric(b, "regproxy_trust_verifications_total") == 0
+        assert [r.path for r in world.front.requests if "sha256-" in r.path] == []
