@@ -11,10 +11,11 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Column order of the table; "reference" is nginx for static bytes, a direct pull otherwise, and
-#: regproxy on its filesystem backend in the object-storage figures.
-SUBJECTS = ("distribution", "regproxy", "nginx", "direct", "regproxy-fs")
-REFERENCES = ("nginx", "direct", "regproxy-fs")
+#: Column order of the table; "reference" is nginx for static bytes, a direct pull otherwise,
+#: regproxy on its filesystem backend in the object-storage figures, and regproxy with a trust
+#: policy in the trust figures (bench/trust.py).
+SUBJECTS = ("distribution", "regproxy", "nginx", "direct", "regproxy-fs", "regproxy-policy")
+REFERENCES = ("nginx", "direct", "regproxy-fs", "regproxy-policy")
 
 
 @dataclass
@@ -221,8 +222,8 @@ def markdown(
         f"Command: `{meta['command']}` — {meta['started']}, {meta['duration_s']:.0f} s, "
         f"medians of {p['repeat']} runs (ratio to distribution in brackets).",
         "",
-        "| figure | distribution | regproxy | nginx sendfile / direct pull / regproxy fs "
-        "| target |",
+        "| figure | distribution | regproxy | nginx sendfile / direct pull / regproxy fs / "
+        "regproxy with policy | target |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     by_key: dict[str, list[Target]] = {}

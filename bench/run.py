@@ -12,6 +12,8 @@ starting subject rotating from one repetition to the next so that drift does not
     5. one cold huge blob (and one large) curl     distribution | regproxy  (fresh process + cache)
     6. on object storage (bench/s3.py)    SeaweedFS up; distribution-s3 | regproxy-s3 (| regproxy)
        warm blobs, cold pull, streaming a blob held in S3 only
+    7. trust policy (bench/trust.py)      regproxy | regproxy-policy (signature required)
+       warm manifest by tag, warm pull
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import cold, load, report, s3, seed, servers
+from bench import cold, load, report, s3, seed, servers, trust
 from bench.procs import install_signal_handlers, stop_all
 from bench.report import Figure, Target
 
@@ -45,6 +47,7 @@ SCENARIOS = (
     "cold_many",
     "cold_tls",
     "s3",
+    "trust",
 )
 MB = 1000 * 1000
 
@@ -580,6 +583,7 @@ class Bench:
         out.extend(cold.targets(f))
         assert self.huge
         out += s3.targets(f, self.huge.size, self.p.s3_large_blob)
+        out += trust.targets(f)
         return out
 
     # -- whole run ---------------------------------------------------------------------------
@@ -594,6 +598,7 @@ class Bench:
             "cold_many": functools.partial(cold.cold_many, self),
             "cold_tls": functools.partial(cold.cold_tls, self),
             "s3": self.object_storage,
+            "trust": functools.partial(trust.run, self),
         }
         for name, step in steps.items():
             if self.p.only is None or name in self.p.only:

@@ -124,9 +124,16 @@ def distribution(workdir: Path, remote: str) -> Subject:
 
 
 def regproxy(
-    workdir: Path, remote: str, tag_ttl: str = "5m", command: list[str] | None = None
+    workdir: Path,
+    remote: str,
+    tag_ttl: str = "5m",
+    command: list[str] | None = None,
+    *,
+    name: str = "regproxy",
+    extra: list[str] | None = None,
 ) -> Subject:
-    """``python -m proxy serve …``; ``command`` replaces ``python -m proxy`` (to A/B a patch)."""
+    """``python -m proxy serve …``; ``command`` replaces ``python -m proxy`` (to A/B a patch);
+    ``extra`` arguments follow the bench's own (``--config FILE``)."""
     d = workdir / "regproxy"
     d.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -147,11 +154,12 @@ def regproxy(
         str(d / "data"),
         "--tag-ttl",
         tag_ttl,
+        *(extra or []),
     ]
     server = Server(
-        "regproxy", argv, d / "regproxy.log", f"http://127.0.0.1:{port}/v2/", cwd=REPO_ROOT, env=env
+        name, argv, d / f"{name}.log", f"http://127.0.0.1:{port}/v2/", cwd=REPO_ROOT, env=env
     )
-    return Subject("regproxy", server, port, d / "data")
+    return Subject(name, server, port, d / "data")
 
 
 NGINX_CONF = """\

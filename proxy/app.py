@@ -41,18 +41,21 @@ from proxy.registry.keys import (
     REFERRERS,
     ROUTER,
     STORAGE,
+    TRUST,
     UPSTREAMS,
     USAGE,
 )
 from proxy.registry.middleware import AccessLogger, api_headers_middleware
 from proxy.registry.routes import add_routes, handle_other
+from proxy.trust.service import TrustService
+from proxy.trust.settings import TrustSettings
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
 from storage.redis import RedisCoordinator, RedisMetadata
 from storage.redis import connect as connect_redis
 
-__all__ = ["AccessLogger", "advertise_url", "create_app"]
+__all__ = ["AccessLogger", "advertise_url", "create_app", "reload_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,12 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/_regproxy/sync", handle_sync_status)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
+
+
+def reload_policy(app: web.Application, settings: TrustSettings) -> None:
+    """SIGHUP: take a new ``policy:``; verdicts reached under the old one no longer count."""
+    if TRUST in app:
+        app[TRUST].reload(settings)
 
 
 def advertise_url(config: Config) -> str:
@@ -140,6 +149,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         meta=meta,
         upstreams=upstreams,
         router=app[ROUTER],
+    )
+    app[TRUST] = TrustService(
+        config.policy,
+        manifests=app[MANIFESTS],
+        blobs=app[BLOBS],
+        meta=meta,
+        upstreams=upstreams,
+        default_upstream=config.default_upstream,
+        referrers=app[REFERRERS],
+        platforms=app[PLATFORMS],
+        metrics=metrics,
     )
     log.info(
         "regproxy ready storage=%s upstreams=%s default=%s advertise=%s",

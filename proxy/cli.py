@@ -165,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--json", action="store_true", help="print counts as JSON")
     warm.set_defaults(handler=cmd_warm)
 
+    policy = commands.add_parser("policy", help="the trust policy (config policy:)")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    check = policy_commands.add_parser(
+        "check",
+        help="what a pull of IMAGE through a running proxy would get, without pulling layers; "
+        "exit 1 when refused",
+    )
+    check.add_argument("image", metavar="IMAGE[:TAG|@DIGEST]")
+    check.add_argument(
+        "--proxy", default=DEFAULT_PROXY, metavar="URL", help=f"default {DEFAULT_PROXY}"
+    )
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(handler=cmd_policy_check)
+
     sync = commands.add_parser("sync", help="scheduled sync of chosen images (config sync:)")
     sync_commands = sync.add_subparsers(dest="sync_command", required=True, metavar="COMMAND")
     sync_status = sync_commands.add_parser(
@@ -248,6 +262,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = config.listen_address
     _install_uvloop()
     app = create_app(config)
+
+    def reload() -> None:
+        from proxy.app import reload_policy
+
+        try:
+            reload_policy(app, config_from_args(args).policy)
+        except ConfigError as exc:
+            log.error("SIGHUP: the policy was not reloaded, the previous one stays: %s", exc)
+
     asyncio.run(
         serve(
             app,
@@ -256,6 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ssl_context=ssl_context,
             access_log_class=AccessLogger,
             head_timeout=config.head_timeout,
+            on_reload=reload,
         )
     )
     return 0
@@ -430,6 +454,15 @@ def cmd_warm(args: argparse.Namespace) -> int:
             f"({totals['bytes']} bytes)"
         )
     return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    result = asyncio.run(commands.policy_check(args.image, args.proxy))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        commands.print_policy_check(result)
+    return 0 if result["allowed"] else 1
 
 
 def cmd_sync_status(args: argparse.Namespace) -> int:

@@ -44,6 +44,8 @@ from proxy.core.settings import (
 from proxy.fetch.settings import DOCKER_HUB, UpstreamConfig, parse_upstreams
 from proxy.ops.settings import ConsoleConfig, SyncConfig, parse_console, parse_sync
 from proxy.platforms.rules import PlatformsConfig, load_platforms
+from proxy.trust.settings import TrustSettings
+from proxy.trust.settings import parse as parse_policy
 from storage.settings import CacheSettings, S3Settings, WorkSettings
 
 __all__ = ["Config", "ConfigError", "build_config", "load_config"]
@@ -98,6 +100,8 @@ class Config:
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     #: Scheduled sync (``sync:`` and ``sync_ratelimit_floor``); nothing is synced by default.
     sync: SyncConfig = field(default_factory=SyncConfig)
+    #: The trust policy (``policy:``, :mod:`proxy.trust.settings`); none by default.
+    policy: TrustSettings = field(default_factory=TrustSettings)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -169,7 +173,7 @@ TOP_LEVEL_KEYS = frozenset(
     {s.path.split(".")[0] for s in SETTINGS}
     | {"upstreams", "platforms", "auth", "cache", "redis", "s3"}
 )
-TOP_LEVEL_KEYS |= {"sync"}
+TOP_LEVEL_KEYS |= {"sync", "policy"}
 CACHE_KEYS = frozenset({"max_size", "high_watermark", "low_watermark", "pin", "blob_ttl"})
 S3_KEYS = frozenset(
     {
@@ -300,6 +304,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     kwargs["auth"] = load_auth(section_of(raw.get("auth"), "auth"))
     kwargs["console"] = parse_console(section_of(raw.get("console"), "console"))
     kwargs["sync"] = parse_sync(raw, upstreams, default, kwargs["platforms"])
+    kwargs["policy"] = parse_policy(raw.get("policy"))
     return Config(**kwargs)
 
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -107,8 +108,10 @@ async def serve(
     ssl_context: ssl.SSLContext | None,
     access_log_class: type[AbstractAccessLogger],
     head_timeout: float,
+    on_reload: Callable[[], None] | None = None,
 ) -> None:
-    """Run ``app`` until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run ``app`` until SIGTERM or SIGINT, then shut down gracefully; SIGHUP calls
+    ``on_reload`` (which logs its own failures)."""
     runner = web.AppRunner(
         app,
         access_log_class=access_log_class,
@@ -121,6 +124,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if on_reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         site = GuardedTCPSite(
             runner,

@@ -24,6 +24,7 @@ LAYERS = (
     "proxy.config",
     "proxy.ops",
     "proxy.registry",
+    "proxy.trust",
     "proxy.platforms",
     "proxy.cache",
     "proxy.access",

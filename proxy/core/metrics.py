@@ -24,6 +24,10 @@ regproxy_sync_runs_total{result}           scheduled sync checks of an entry: su
                                            (another replica holds the entry's lease)
 regproxy_sync_last_success_timestamp_seconds{repository}  end of the last successful check
 regproxy_sync_bytes_total                  blob and manifest bytes sync fetched from upstream
+regproxy_trust_verifications_total{result}  signature checks of a digest (trust policy):
+                                           verified|failed (recorded verdicts are not counted)
+regproxy_trust_refusals_total{rule,entry}  manifest requests refused by the trust policy:
+                                           deny|allow_tags|require_signature, entry 1, 2, ...
 =========================================  ==========================================
 """
 
@@ -145,6 +149,18 @@ class Metrics:
         )
         self.sync_bytes = Counter(
             "regproxy_sync_bytes", "Bytes scheduled sync fetched from upstream", registry=r
+        )
+        self.trust_verifications = Counter(
+            "regproxy_trust_verifications",
+            "Signature verifications of a digest (not answered from a recorded verdict)",
+            ["result"],
+            registry=r,
+        )
+        self.trust_refusals = Counter(
+            "regproxy_trust_refusals",
+            "Manifest requests refused by the trust policy",
+            ["rule", "entry"],
+            registry=r,
         )
         for result in ("success", "error", "ratelimited", "skipped"):
             self.sync_runs.labels(result)

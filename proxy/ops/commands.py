@@ -56,13 +56,52 @@ async def inspect(image: str, proxy: str) -> dict[str, Any]:
 
 def print_inspect(result: dict[str, Any]) -> None:
     print(f"{result['image']}  {result['digest']}  {result['media_type']}")
-    rows = [("PLATFORM", "DIGEST", "SIZE", "SOURCE")]
-    for p in result["platforms"]:
+    _print_platforms(result["platforms"], ("SIZE", "SOURCE"))
+
+
+def signed_text(trust: dict[str, Any] | None) -> str:
+    """One cell: whether a platform is signed, by which key (``inspect``, ``policy check``)."""
+    if not trust or trust.get("rule") is None:
+        return "-"
+    if trust["rule"] != "require_signature":
+        return f"{trust['rule']} (entry {trust['policy_entry']})"
+    if trust.get("signed"):
+        via = f" via index {trust['via'][:19]}" if trust.get("via") else ""
+        return f"yes: {trust.get('key') or 'index'}{via}"
+    return f"no: {trust.get('reason') or 'not signed'}"
+
+
+def _print_platforms(platforms: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    signed = any("trust" in p for p in platforms)
+    rows = [("PLATFORM", "DIGEST", *columns, *(("SIGNED",) if signed else ()))]
+    for p in platforms:
         platform = p["platform"] + (" (attestation)" if p.get("attestation") else "")
-        rows.append((platform, p["digest"], str(p.get("size") or "-"), p["source"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        cells = {"SIZE": str(p.get("size") or "-"), "SOURCE": str(p.get("source"))}
+        row = (platform, p["digest"], *(cells[c] for c in columns))
+        rows.append((*row, signed_text(p.get("trust"))) if signed else row)
+    last = len(rows[0]) - 1
+    widths = [max(len(r[i]) for r in rows) for i in range(last)]
     for row in rows:
-        print("  ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(row)))
+        print("  ".join(cell.ljust(widths[i]) if i < last else cell for i, cell in enumerate(row)))
+
+
+async def policy_check(image: str, proxy: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        result: dict[str, Any] = await _json(
+            session, f"{proxy.rstrip('/')}/_regproxy/policy/check", params={"image": image}
+        )
+        return result
+
+
+def print_policy_check(result: dict[str, Any]) -> None:
+    entry = result.get("policy_entry")
+    verdict = "allowed" if result["allowed"] else "REFUSED"
+    rule = f"policy entry {entry}" if entry else "no policy entry matches"
+    print(f"{result['image']}  {result['digest']}  {verdict} ({rule})")
+    if result.get("message"):
+        print(f"  {result['message']}")
+    if result.get("platforms"):
+        _print_platforms(result["platforms"], ("SOURCE",))
 
 
 def _wanted(platforms: str) -> set[Platform] | None:

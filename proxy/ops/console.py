@@ -407,9 +407,15 @@ class Console:
         tag = ref.tag or "latest"
         manifest, entries = await self.app[keys.PLATFORMS].describe(upstream, repository, tag)
         platforms = []
-        for entry in entries:
+        trust = self.app[keys.TRUST]
+        verdicts = (
+            await trust.describe_all(upstream, repository, tag, manifest) if trust.enabled else []
+        )
+        for position, entry in enumerate(entries):
             row = entry.describe()
             row.update(await self._cached(row["digest"]))
+            if position < len(verdicts):
+                row["trust"] = verdicts[position]
             platforms.append(row)
         return {
             "image": f"{upstream.name}/{repository}:{tag}",

@@ -21,6 +21,7 @@ from proxy.cache.referrers import ReferrersService
 from proxy.core.metrics import Metrics, UsageStats
 from proxy.fetch.upstream import Upstreams
 from proxy.platforms.service import PlatformService
+from proxy.trust.service import TrustService
 from storage import ContentStore
 from storage.eviction import CacheManager
 
@@ -36,5 +37,6 @@ AUTH = web.AppKey("auth", Authenticator)
 LINKS = web.AppKey("links", Links)
 CACHE = web.AppKey("cache", CacheManager)
 REFERRERS = web.AppKey("referrers", ReferrersService)
+TRUST = web.AppKey("trust", TrustService)
 #: Called with each finished request and its response (the console's per-repository figures).
 OBSERVERS = web.AppKey("observers", list[Callable[[web.Request, StreamResponse], None]])

@@ -12,12 +12,14 @@ Routes::
     *          /v2/...                           405 UNSUPPORTED for anything that would write
     GET        /healthz, /readyz, /metrics       process up; storage usable; Prometheus
     GET        /_regproxy/inspect?image=         platforms served for a tag, with sources
+    GET        /_regproxy/policy/check?image=    what a pull would get under the trust policy
     GET|POST   /token                            Bearer tokens, with auth (proxy.access.tokens)
     GET        /_regproxy/peer/blobs/<digest>    another replica streams a download (shared secret)
 
 Every /v2/ request is routed to an upstream (``proxy.access.routing``), checked against the
 access rules (``proxy.access.auth``) and, for digests, against what the repository is known to
-hold (``proxy.cache.links``) before anything is looked up.
+hold (``proxy.cache.links``) before anything is looked up. A manifest is served only once the
+trust policy admits it (``proxy.trust``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from proxy.core.metrics import CONTENT_TYPE_LATEST
 from proxy.core.reference import check_digest, check_name, check_reference, is_digest, parse_image
 from proxy.fetch.download import CACHE_RESULT, PEER_HEADER, Cache
 from proxy.fetch.upstream import Upstream
-from proxy.platforms.rules import accepts_index
+from proxy.platforms.rules import accepts_index, index_entries
 from proxy.registry.keys import (
     AUTH,
     BLOBS,
@@ -52,6 +54,7 @@ from proxy.registry.keys import (
     REFERRERS,
     ROUTER,
     STORAGE,
+    TRUST,
     UPSTREAMS,
 )
 from proxy.registry.middleware import API_HEADERS
@@ -146,7 +149,7 @@ async def serve_manifest(
     request: web.Request, upstream: Upstream, repository: str, reference: str
 ) -> web.StreamResponse:
     head = request.method == "HEAD"
-    platforms, links = request.app[PLATFORMS], request.app[LINKS]
+    platforms, links, trust = request.app[PLATFORMS], request.app[LINKS], request.app[TRUST]
     manifest: Manifest
     if is_digest(reference):
         # Cached for another repository: only if upstream says this one holds it too.
@@ -164,8 +167,10 @@ async def serve_manifest(
                 as_repo=repository,
             )
         manifest = await platforms.child_manifest(upstream, repository, reference, head=head)
+        await trust.admit(upstream, repository, reference, manifest)
     else:
         manifest = await platforms.by_tag(upstream, repository, reference, head=head)
+        await trust.admit(upstream, repository, reference, manifest)
         # Clients send one Accept line per type (dockerd, containers/image): read them all.
         accept = ",".join(request.headers.getall("Accept", []))
         if manifest.media_type in INDEX_TYPES and not accepts_index(accept):
@@ -177,6 +182,7 @@ async def serve_manifest(
                 user_agent=request.headers.get("User-Agent", ""),
                 head=head,
             )
+            await trust.admit(upstream, repository, manifest.digest, manifest)
     await links.link_manifest(upstream.name, repository, manifest)
     headers = {
         "Docker-Content-Digest": manifest.digest,
@@ -231,14 +237,54 @@ async def handle_inspect(request: web.Request) -> web.Response:
     manifest, entries = await request.app[PLATFORMS].describe(
         upstream, repository, ref.tag or "latest"
     )
+    trust = request.app[TRUST]
+    platforms = [e.describe() for e in entries]
+    if trust.enabled:
+        verdicts = await trust.describe_all(upstream, repository, ref.tag or "latest", manifest)
+        for described, verdict in zip(platforms, verdicts, strict=False):
+            described["trust"] = verdict
     return web.json_response(
         {
             "image": f"{upstream.name}/{repository}:{ref.tag or 'latest'}",
             "digest": manifest.digest,
             "media_type": manifest.media_type,
-            "platforms": [e.describe() for e in entries],
+            "platforms": platforms,
         }
     )
+
+
+async def handle_policy_check(request: web.Request) -> web.Response:
+    """``GET /_regproxy/policy/check?image=NAME[:TAG|@DIGEST]``: what a pull would get under the
+    trust policy (manifests and signatures are fetched and cached as a pull would; no layer)."""
+    ref = parse_image(request.query.get("image", ""))
+    upstream, repository = await route_for(request, ref.repository)
+    platforms, trust = request.app[PLATFORMS], request.app[TRUST]
+    reference = ref.reference
+    if is_digest(reference):
+        manifest = await platforms.child_manifest(upstream, repository, reference, head=False)
+    else:
+        manifest = await platforms.by_tag(upstream, repository, reference, head=False)
+    entry = trust.entry_for(upstream.name, repository)
+    result: dict[str, object] = {
+        "image": f"{upstream.name}/{repository}{'@' if is_digest(reference) else ':'}{reference}",
+        "digest": manifest.digest,
+        "policy_entry": entry.number if entry else None,
+        "allowed": True,
+        "message": None,
+    }
+    try:
+        await trust.admit(upstream, repository, reference, manifest)
+    except Denied as exc:
+        result["allowed"], result["message"] = False, exc.message
+    described = []
+    if manifest.media_type in INDEX_TYPES and manifest.data is not None:
+        described = [item.describe() for item in index_entries(manifest)]
+        if trust.enabled:
+            verdicts = await trust.describe_all(upstream, repository, reference, manifest)
+            for one, verdict in zip(described, verdicts, strict=False):
+                one["trust"] = verdict
+    result["platforms"] = described
+    return web.json_response(result)
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -300,5 +346,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", handle_readyz, allow_head=True)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/_regproxy/inspect", handle_inspect)
+    app.router.add_get("/_regproxy/policy/check", handle_policy_check)
     app.router.add_route("*", "/token", handle_token)
     app.router.add_get("/_regproxy/peer/blobs/{digest}", handle_peer_blob)

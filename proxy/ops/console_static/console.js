@@ -241,6 +241,14 @@ async function refresh() {
   }
 }
 
+// The trust policy's view of a platform (policy: in the configuration); "—" without one.
+function signedText(t) {
+  if (!t || !t.rule) return "—";
+  if (t.rule !== "require_signature") return t.rule + " (entry " + t.policy_entry + ")";
+  if (t.signed) return "yes: " + (t.key || "index") + (t.via ? " (via index)" : "");
+  return "no: " + (t.reason || "not signed");
+}
+
 async function inspect(ev) {
   ev.preventDefault();
   const image = $("inspect-image").value.trim();
@@ -250,7 +258,7 @@ async function inspect(ev) {
   try {
     const r = await getJSON("inspect?image=" + encodeURIComponent(image));
     out.textContent = r.image + " → " + r.digest + " (" + r.media_type + ")";
-    fillTable("inspect", r.platforms, 6, "No platforms", (p, tr) => {
+    fillTable("inspect", r.platforms, 7, "No platforms", (p, tr) => {
       tr.append(
         cell(p.platform + (p.attestation ? " (attestation)" : "")),
         cell(p.source),
@@ -259,6 +267,7 @@ async function inspect(ev) {
         // Layer sizes are in the platform's manifest: known once that is cached.
         cell(p.image_bytes === null ? "not known yet" : bytes(p.image_bytes), { cls: "num", value: p.image_bytes }),
         cell(null, { node: badge(p.cached, p.cached), value: p.cached }),
+        cell(signedText(p.trust), { title: p.trust && p.trust.reason || "", value: p.trust ? String(p.trust.signed) : "" }),
       );
       return { platform: p.platform };
     });
