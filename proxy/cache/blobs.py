@@ -25,14 +25,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import Counter
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from proxy.cache.blobfile import BlobFileResponse
 from proxy.cache.relay import abort, miss_response, relay_uncached
 from proxy.cache.sendfile import can_sendfile, sendfile_to_transport
 from proxy.core.errors import (
@@ -319,11 +318,10 @@ class BlobService:
             raise StorageError("cannot read cached blob", path=str(local.path), op="read") from exc
         self._touch(digest)
         request[CACHE_RESULT] = Cache.HIT
-        return _BlobFileResponse(
+        return BlobFileResponse(
             local.path,
-            in_use=self.cache.in_use if self.cache is not None else None,
             digest=digest,
-            chunk_size=CHUNK,
+            in_use=self.cache.in_use if self.cache is not None else None,
             headers={"Docker-Content-Digest": digest, **HIT_HEADERS},
         )
 
@@ -338,43 +336,6 @@ class BlobService:
         except UpstreamError as exc:
             raise to_registry_error(exc, not_found=BlobUnknown) from exc
         return miss_response(digest, length)
-
-
-class _BlobFileResponse(web.FileResponse):
-    """A cached blob sent with sendfile; counted in use (never evicted) until it is sent."""
-
-    def __init__(
-        self, path: Path, *, in_use: Counter[str] | None, digest: str, **kwargs: Any
-    ) -> None:
-        super().__init__(path, **kwargs)
-        self._in_use = in_use
-        self._digest = digest
-        if in_use is not None:
-            in_use[digest] += 1
-
-    async def _sendfile(
-        self, request: web.BaseRequest, fobj: Any, offset: int, count: int
-    ) -> AbstractStreamWriter:
-        if not can_sendfile(request.transport):
-            return await super()._sendfile(request, fobj, offset, count)
-        writer = await web.StreamResponse.prepare(self, request)
-        assert writer is not None and request.transport is not None
-        sent = await sendfile_to_transport(request.transport, fobj.fileno(), offset, count)
-        writer.output_size += sent
-        if sent != count:
-            raise ConnectionResetError("blob file shorter than announced")
-        await web.StreamResponse.write_eof(self)
-        return writer
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        try:
-            return await super().prepare(request)
-        finally:
-            if self._in_use is not None:
-                self._in_use[self._digest] -= 1
-                if self._in_use[self._digest] <= 0:
-                    del self._in_use[self._digest]
-                self._in_use = None
 
 
 def _open_download(dl: Download, store: ContentStore) -> int:

@@ -28,6 +28,7 @@ import secrets
 
 from aiohttp import web
 
+from proxy.cache.blobfile import BlobFileResponse
 from proxy.cache.blobs import stream_download
 from proxy.cache.manifests import Manifest
 from proxy.core.errors import (
@@ -328,7 +329,7 @@ async def handle_peer_blob(request: web.Request) -> web.StreamResponse:
     local = blobs.store.local_blob(digest)
     if local is None:
         raise BlobUnknown({"digest": digest})
-    return web.FileResponse(local.path, headers={"Docker-Content-Digest": digest})
+    return BlobFileResponse(local.path, digest=digest, headers={"Docker-Content-Digest": digest})
 
 
 async def handle_other(request: web.Request) -> web.StreamResponse:
