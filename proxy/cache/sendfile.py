@@ -3,9 +3,7 @@
 aiohttp's ``FileResponse`` uses ``loop.sendfile``; uvloop has none, so aiohttp silently falls back
 to reading 256 KiB chunks in the thread pool and writing each to the socket (the benchmark found
 60 % of the time of a warm 64 MiB blob there). :func:`sendfile_to_transport` calls ``os.sendfile``
-on the transport's socket itself once the transport's own buffer (the headers) is flushed, and
-waits for writability on a duplicate of the socket's fd (uvloop refuses ``add_writer`` on a fd
-one of its transports owns).
+on the transport's socket itself once the transport's own buffer (the headers) is flushed.
 
 Only for plain TCP: a TLS transport encrypts in user space, so :func:`can_sendfile` says no and
 callers write through the transport instead.
@@ -14,8 +12,24 @@ callers write through the transport instead.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import os
+import select
+import threading
 from typing import Any
+
+MiB = 1024 * 1024
+#: How the rest of a send that the socket could not take at once is waited for (measurement).
+MODE = os.environ.get("REGPROXY_SENDFILE", "loop")
+#: Sends at least this long that the socket could not take at once go on in a worker thread.
+THREAD_MIN = 4 * MiB
+THREADS = 32
+POLL_MS = 200
+_POOL = concurrent.futures.ThreadPoolExecutor(
+    max_workers=THREADS, thread_name_prefix="regproxy-sendfile"
+)
+_busy = 0
 
 
 def can_sendfile(transport: asyncio.BaseTransport | None) -> bool:
@@ -28,18 +42,30 @@ def can_sendfile(transport: asyncio.BaseTransport | None) -> bool:
     )
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
+def _sendfile(out: int, file_fd: int, offset: int, count: int) -> int:
+    """``os.sendfile``; BlockingIOError when the socket is full, ConnectionResetError when the
+    client is gone (EPIPE, ECONNRESET) or the transport closed the socket (EBADF)."""
     try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
+        return os.sendfile(out, file_fd, offset, count)
+    except (BlockingIOError, ConnectionResetError):
+        raise
+    except OSError as exc:
+        raise ConnectionResetError(f"sendfile failed: {exc.strerror}") from exc
+
+
+async def _flushed(transport: asyncio.BaseTransport) -> None:
+    """Wait until the transport has handed what it holds (the headers) to the kernel.
+
+    uvloop writes what was queued during a loop iteration at its end: one yield is usually
+    enough; a socket that the client does not drain takes longer.
+    """
+    pending: Any = transport  # uvloop's transports are not asyncio.WriteTransport instances
+    spins = 0
+    while pending.get_write_buffer_size():
+        if transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        await asyncio.sleep(0 if spins < 8 else 0.001)
+        spins += 1
 
 
 async def sendfile_to_transport(
@@ -47,35 +73,105 @@ async def sendfile_to_transport(
 ) -> int:
     """Send ``count`` bytes of ``file_fd`` from ``offset``; return how many were sent (fewer
     only when the file ends first)."""
-    loop = asyncio.get_running_loop()
-    pending: Any = transport  # uvloop's transports are not asyncio.WriteTransport instances
-    while pending.get_write_buffer_size():
-        if transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        await asyncio.sleep(0.0005)
+    await _flushed(transport)
     sock = transport.get_extra_info("socket")
     if sock is None:
         raise ConnectionResetError("connection lost")
     out = sock.fileno()
-    dup: int | None = None
+    sent = 0
+    # As much as the socket takes now: a small blob usually all of it, with no wait at all.
+    with contextlib.suppress(BlockingIOError):
+        while sent < count:
+            n = _sendfile(out, file_fd, offset + sent, count - sent)
+            if n == 0:
+                return sent
+            sent += n
+    if sent == count:
+        return sent
+    if MODE == "thread" and count - sent >= THREAD_MIN and _claim():
+        try:
+            return sent + await _in_thread(out, file_fd, offset + sent, count - sent)
+        finally:
+            _release()
+    return sent + await _on_loop(out, file_fd, offset + sent, count - sent)
+
+
+async def _on_loop(out: int, file_fd: int, offset: int, count: int) -> int:
+    """The rest, sent whenever the socket has room: one writer registration for the whole send
+    (on a duplicate of the socket's fd: uvloop refuses ``add_writer`` on a fd one of its
+    transports owns), a future per wait."""
+    loop = asyncio.get_running_loop()
+    dup = os.dup(out)
+    waiting: asyncio.Future[None] | None = None
+
+    def wake() -> None:
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    loop.add_writer(dup, wake)
     sent = 0
     try:
         while sent < count:
             try:
-                n = os.sendfile(out, file_fd, offset + sent, count - sent)
+                n = _sendfile(dup, file_fd, offset + sent, count - sent)
             except BlockingIOError:
-                if dup is None:
-                    dup = os.dup(out)
-                await _writable(loop, dup)
+                waiting = loop.create_future()
+                await waiting
                 continue
-            except ConnectionResetError:
-                raise
-            except OSError as exc:  # EPIPE (the client left), EBADF (the transport closed it)
-                raise ConnectionResetError(f"sendfile failed: {exc.strerror}") from exc
             if n == 0:
                 break
             sent += n
     finally:
-        if dup is not None:
-            os.close(dup)
+        loop.remove_writer(dup)
+        os.close(dup)
+    return sent
+
+
+def _claim() -> bool:
+    global _busy
+    if _busy >= THREADS:
+        return False
+    _busy += 1
+    return True
+
+
+def _release() -> None:
+    global _busy
+    _busy -= 1
+
+
+async def _in_thread(out: int, file_fd: int, offset: int, count: int) -> int:
+    """The rest, sent by a worker thread that waits for room itself (``poll``), so that the
+    kernel's work of sending runs beside the event loop's. Returns once the thread is done
+    with both fds, also when cancelled."""
+    stop = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(
+        _POOL, _send_blocking, os.dup(out), file_fd, offset, count, stop
+    )
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(future)
+        raise
+
+
+def _send_blocking(dup: int, file_fd: int, offset: int, count: int, stop: threading.Event) -> int:
+    poller = select.poll()
+    poller.register(dup, select.POLLOUT)
+    sent = 0
+    try:
+        while sent < count and not stop.is_set():
+            try:
+                n = _sendfile(dup, file_fd, offset + sent, count - sent)
+            except BlockingIOError:
+                poller.poll(POLL_MS)
+                continue
+            if n == 0:
+                break
+            sent += n
+    finally:
+        os.close(dup)
     return sent
