@@ -10,6 +10,11 @@ ones at once, of 64 and 256 MiB: MB/s (all bytes / wall time until the last ends
 regproxy process's CPU seconds per GB until it is idle again. Within a repetition every
 scenario takes each variant in turn, the first one rotating from one repetition to the next.
 Prints medians and the min-max spread of each.
+
+``--micro N``: the clients alone, in this process, without regproxy: N alternating reads of the
+256 MiB blob from each upstream into one reused 1 MiB buffer (no hashing, no disk), timed by
+wall clock and by this process's CPU time, which the other tenants of a shared machine disturb
+far less than the wall-clock figures above.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import statistics
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from bench import cold, seed, servers
 from bench.procs import install_signal_handlers, stop_all
@@ -45,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="threadget,urllib3")
     parser.add_argument("--schemes", default="http,https")
     parser.add_argument("--out", type=Path, default=Path("bench/results/plumbing.jsonl"))
+    parser.add_argument("--micro", type=int, default=0, metavar="N")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     schemes = args.schemes.split(",")
@@ -56,12 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     ):
         work = Path(tmp)
         try:
-            _run(work, variants, schemes, args.repeat, out)
+            _run(work, variants, schemes, args.repeat, out, args.micro)
         finally:
             stop_all()
 
 
-def _run(work: Path, variants: list[str], schemes: list[str], repeat: int, out: object) -> None:
+def _run(
+    work: Path, variants: list[str], schemes: list[str], repeat: int, out: object, micro: int
+) -> None:
     upstream = servers.upstream(work)
     upstream.start()
     pusher = seed.Pusher(upstream.url)
@@ -78,6 +89,10 @@ def _run(work: Path, variants: list[str], schemes: list[str], repeat: int, out: 
     tls = cold.tls_upstream(work, work / "upstream" / "data", cert, key)
     tls.start()
     remotes = {"http": upstream.url, "https": tls.url.replace("http://", "https://")}
+    if micro:
+        big = blobs[max(SIZES)][0]
+        _micro(remotes, schemes, variants, big.digest, big.size, micro)
+        return
     subjects = {
         (scheme, v): _subject(
             work / f"{scheme}-{v}", remotes[scheme], v, ca if scheme == "https" else None
@@ -117,6 +132,60 @@ def _run(work: Path, variants: list[str], schemes: list[str], repeat: int, out: 
                             f"{r.mb_per_s:7.0f} MB/s {r.cpu_s_per_gb:5.2f} CPU s/GB",
                             flush=True,
                         )
+    summarize(rows, variants)
+
+
+def _micro(
+    remotes: dict[str, str], schemes: list[str], variants: list[str], digest: str, size: int, n: int
+) -> None:
+    from proxy import threadget, urllib3get
+    from proxy.rawbody import BUFFER
+
+    view = memoryview(bytearray(BUFFER))
+    rows: list[dict[str, object]] = []
+    for scheme in schemes:
+        url = f"{remotes[scheme]}/v2/bench/blobs/blobs/{digest}"
+        for rep in range(n):
+            k = rep % len(variants)
+            for v in variants[k:] + variants[:k]:
+                mod: Any = threadget if v == "threadget" else urllib3get
+                urllib3get.DIRECT = v == "urllib3-fp"
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                resp = mod.get(
+                    url,
+                    {},
+                    auth_origin=threadget.origin_of(url),
+                    connect_timeout=10,
+                    read_timeout=60,
+                    user_agent="bench",
+                )
+                assert resp.status == 200, resp.status
+                source = mod.BodySource(resp)
+                got = len(resp.buffered)
+                poller = select.poll()
+                poller.register(source.fileno(), select.POLLIN)
+                while got < size:
+                    try:
+                        n_read = source.readinto(view[: min(len(view), size - got)])
+                    except BlockingIOError:
+                        poller.poll(1000)
+                        continue
+                    if n_read == 0:
+                        raise RuntimeError("cut")
+                    got += n_read
+                source.finish(True)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                row = {
+                    "micro": True,
+                    "scheme": scheme,
+                    "clients": 1,
+                    "mib": size // MiB,
+                    "variant": v,
+                    "mb_s": round(size / wall / 1e6, 1),
+                    "cpu_s_gb": round(cpu / (size / 1e9), 3),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     summarize(rows, variants)
 
 
