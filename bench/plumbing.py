@@ -37,9 +37,14 @@ SIZES = (64 * MiB, 256 * MiB)
 CLIENTS = (1, 4)
 
 
-def _subject(workdir: Path, remote: str, variant: str, ca: Path | None) -> servers.Subject:
+def _subject(
+    workdir: Path, remote: str, variant: str, ca: Path | None, src: Path | None
+) -> servers.Subject:
     subject = servers.regproxy(workdir, remote)
     env = dict(subject.server.env or os.environ)
+    if src is not None:  # a snapshot of the source, to go on editing this tree meanwhile
+        env["PYTHONPATH"] = str(src)
+        subject.server.cwd = src
     env["REGPROXY_THREADGET"] = variant
     if ca is not None:
         env["SSL_CERT_FILE"] = str(ca)
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schemes", default="http,https")
     parser.add_argument("--out", type=Path, default=Path("bench/results/plumbing.jsonl"))
     parser.add_argument("--micro", type=int, default=0, metavar="N")
+    parser.add_argument("--src", type=Path, help="run regproxy from this source tree")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     schemes = args.schemes.split(",")
@@ -65,13 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     ):
         work = Path(tmp)
         try:
-            _run(work, variants, schemes, args.repeat, out, args.micro)
+            _run(work, variants, schemes, args.repeat, out, args.micro, args.src)
         finally:
             stop_all()
 
 
 def _run(
-    work: Path, variants: list[str], schemes: list[str], repeat: int, out: object, micro: int
+    work: Path,
+    variants: list[str],
+    schemes: list[str],
+    repeat: int,
+    out: object,
+    micro: int,
+    src: Path | None,
 ) -> None:
     upstream = servers.upstream(work)
     upstream.start()
@@ -95,7 +107,7 @@ def _run(
         return
     subjects = {
         (scheme, v): _subject(
-            work / f"{scheme}-{v}", remotes[scheme], v, ca if scheme == "https" else None
+            work / f"{scheme}-{v}", remotes[scheme], v, ca if scheme == "https" else None, src
         )
         for scheme in schemes
         for v in variants
@@ -138,8 +150,8 @@ def _run(
 def _micro(
     remotes: dict[str, str], schemes: list[str], variants: list[str], digest: str, size: int, n: int
 ) -> None:
-    from proxy import threadget, urllib3get
-    from proxy.rawbody import BUFFER
+    from proxy.fetch import threadget, urllib3get
+    from proxy.fetch.rawbody import BUFFER
 
     view = memoryview(bytearray(BUFFER))
     rows: list[dict[str, object]] = []

@@ -1,5 +1,5 @@
-"""A cached blob's answer (``proxy/blobfile.py``) and the zero-copy send under it
-(``proxy/sendfile.py``).
+"""A cached blob's answer (``proxy/cache/blobfile.py``) and the zero-copy send under it
+(``proxy/cache/sendfile.py``).
 
 The answer is held to what aiohttp's ``FileResponse`` answered before it (ranges, ``If-Range``,
 ``304`` to a matching ``If-None-Match`` or ``If-Modified-Since``, HEAD) through a real proxy in
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from proxy import sendfile
+from proxy.cache import sendfile
 from tests.harness.front import Front
 from tests.harness.images import SeededRegistry
 from tests.harness.proxyproc import ProxyProcess
