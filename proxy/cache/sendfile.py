@@ -5,6 +5,15 @@ to reading 256 KiB chunks in the thread pool and writing each to the socket (the
 60 % of the time of a warm 64 MiB blob there). :func:`sendfile_to_transport` calls ``os.sendfile``
 on the transport's socket itself once the transport's own buffer (the headers) is flushed.
 
+The waits cost little (issue #21): the headers are flushed by yielding to the loop (uvloop writes
+what was queued at the end of each iteration) rather than by a 0.5 ms sleep loop; as much as the
+socket takes is sent before any wait (a 1 MiB blob usually needs none); a send that must wait
+registers one writer for its whole length, not an ``add_writer``/``remove_writer`` pair per
+``EAGAIN``. With ``wrk -t1 -c32 -d4s`` on this 2-core machine (heavily shared while measured,
+bench/RESULTS.md) warm 32 MiB went from 0.74x to 1.23x distribution's MB/s (medians of five),
+1 MiB from 389 to 658 MB/s. Sending the rest of a long send from a worker thread (so that the
+kernel's work of sending runs beside the loop) measured no better (1.05x) and was dropped.
+
 Only for plain TCP: a TLS transport encrypts in user space, so :func:`can_sendfile` says no and
 callers write through the transport instead.
 """
@@ -12,24 +21,9 @@ callers write through the transport instead.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
-import select
-import threading
 from typing import Any
-
-MiB = 1024 * 1024
-#: How the rest of a send that the socket could not take at once is waited for (measurement).
-MODE = os.environ.get("REGPROXY_SENDFILE", "loop")
-#: Sends at least this long that the socket could not take at once go on in a worker thread.
-THREAD_MIN = 4 * MiB
-THREADS = 32
-POLL_MS = 200
-_POOL = concurrent.futures.ThreadPoolExecutor(
-    max_workers=THREADS, thread_name_prefix="regproxy-sendfile"
-)
-_busy = 0
 
 
 def can_sendfile(transport: asyncio.BaseTransport | None) -> bool:
@@ -88,11 +82,6 @@ async def sendfile_to_transport(
             sent += n
     if sent == count:
         return sent
-    if MODE == "thread" and count - sent >= THREAD_MIN and _claim():
-        try:
-            return sent + await _in_thread(out, file_fd, offset + sent, count - sent)
-        finally:
-            _release()
     return sent + await _on_loop(out, file_fd, offset + sent, count - sent)
 
 
@@ -123,55 +112,5 @@ async def _on_loop(out: int, file_fd: int, offset: int, count: int) -> int:
             sent += n
     finally:
         loop.remove_writer(dup)
-        os.close(dup)
-    return sent
-
-
-def _claim() -> bool:
-    global _busy
-    if _busy >= THREADS:
-        return False
-    _busy += 1
-    return True
-
-
-def _release() -> None:
-    global _busy
-    _busy -= 1
-
-
-async def _in_thread(out: int, file_fd: int, offset: int, count: int) -> int:
-    """The rest, sent by a worker thread that waits for room itself (``poll``), so that the
-    kernel's work of sending runs beside the event loop's. Returns once the thread is done
-    with both fds, also when cancelled."""
-    stop = threading.Event()
-    future = asyncio.get_running_loop().run_in_executor(
-        _POOL, _send_blocking, os.dup(out), file_fd, offset, count, stop
-    )
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        stop.set()
-        while not future.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(future)
-        raise
-
-
-def _send_blocking(dup: int, file_fd: int, offset: int, count: int, stop: threading.Event) -> int:
-    poller = select.poll()
-    poller.register(dup, select.POLLOUT)
-    sent = 0
-    try:
-        while sent < count and not stop.is_set():
-            try:
-                n = _sendfile(dup, file_fd, offset + sent, count - sent)
-            except BlockingIOError:
-                poller.poll(POLL_MS)
-                continue
-            if n == 0:
-                break
-            sent += n
-    finally:
         os.close(dup)
     return sent
