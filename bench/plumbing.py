@@ -4,10 +4,12 @@
 
 One upstream (Debian's ``docker-registry``) on plain HTTP and a second one on the same storage
 behind TLS (a throwaway CA that regproxy trusts through ``SSL_CERT_FILE``), and one regproxy per
-variant and scheme, its threaded blob GET chosen by ``REGPROXY_THREADGET``. Each sample is a
-fresh regproxy (new process, empty cache) and ``curl`` fetching one cold blob, or four different
-ones at once, of 64 and 256 MiB: MB/s (all bytes / wall time until the last ends) and the
-regproxy process's CPU seconds per GB until it is idle again. Within a repetition every
+variant and scheme: ``threadget`` is ``python -m proxy``, ``urllib3`` is ``python -m
+bench.urllib3get`` (urllib3 makes the threaded blob GETs; ``urllib3-fp``: reading the body with
+``http.client``'s ``readinto``, see that module). Each sample is a fresh regproxy (new process,
+empty cache) and ``curl`` fetching one cold blob, or four different ones at once, of 64 and
+256 MiB: MB/s (all bytes / wall time until the last ends) and the regproxy process's CPU seconds
+per GB until it is idle again. Within a repetition every
 scenario takes each variant in turn, the first one rotating from one repetition to the next.
 Prints medians and the min-max spread of each.
 
@@ -24,6 +26,7 @@ import json
 import os
 import select
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +43,8 @@ CLIENTS = (1, 4)
 def _subject(
     workdir: Path, remote: str, variant: str, ca: Path | None, src: Path | None
 ) -> servers.Subject:
-    subject = servers.regproxy(workdir, remote)
+    command = None if variant == "threadget" else [sys.executable, "-m", "bench.urllib3get"]
+    subject = servers.regproxy(workdir, remote, command=command)
     env = dict(subject.server.env or os.environ)
     if src is not None:  # a snapshot of the source, to go on editing this tree meanwhile
         env["PYTHONPATH"] = str(src)
@@ -150,7 +154,8 @@ def _run(
 def _micro(
     remotes: dict[str, str], schemes: list[str], variants: list[str], digest: str, size: int, n: int
 ) -> None:
-    from proxy.fetch import threadget, urllib3get
+    from bench import urllib3get
+    from proxy.fetch import threadget
     from proxy.fetch.rawbody import BUFFER
 
     view = memoryview(bytearray(BUFFER))

@@ -41,7 +41,7 @@ from proxy.fetch.download import (
     Download,
 )
 from proxy.fetch.fleet import Fleet
-from proxy.fetch.spool import Spool, blobget, chunks, taken
+from proxy.fetch.spool import Spool, chunks, taken
 from proxy.fetch.upstream import RETRY_STATUSES, USER_AGENT, Upstream, error_code
 from storage.base import BlobWriter
 from storage.content import ContentStore
@@ -92,7 +92,7 @@ class Downloads:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.fleet.close()
-        blobget.POOL.close()
+        threadget.POOL.close()
 
     def get(self, upstream: Upstream, repository: str, digest: str, *, stored: bool) -> Download:
         """The download in flight for ``digest``, or a new one (``stored``: the store has it)."""
@@ -295,7 +295,7 @@ class Downloads:
             if auth:
                 sent["Authorization"] = auth
             try:
-                resp = await blobget.get_async(
+                resp = await threadget.get_async(
                     str(upstream.url_for(path)),
                     sent,
                     auth_origin=threadget.origin_of(str(upstream.base)),
@@ -433,7 +433,7 @@ class Downloads:
                 return
             started = time.perf_counter()
             try:
-                resp = await blobget.get_async(
+                resp = await threadget.get_async(
                     url,
                     {"Accept-Encoding": "identity"},
                     auth_origin=threadget.origin_of(url),

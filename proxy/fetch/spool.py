@@ -5,21 +5,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 
 from proxy.core.errors import UpstreamContentError
-from proxy.fetch import rawbody, threadget, urllib3get
+from proxy.fetch import rawbody, threadget
 from proxy.fetch.download import BATCH_MAX, Download
 from storage.writer import SpoolWriter
-
-#: The threaded blob GET: the hand-made client, or urllib3 to measure against it (issue #20).
-blobget: Any = (
-    urllib3get if os.environ.get("REGPROXY_THREADGET", "").startswith("urllib3") else threadget
-)
 
 
 async def chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -39,7 +32,7 @@ async def chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             return
 
 
-def taken(resp: threadget.Response | urllib3get.Response, length: int) -> rawbody.Taken:
+def taken(resp: threadget.Response, length: int) -> rawbody.Taken:
     """The body of a threaded GET's response of ``length`` bytes, for a body copy: what came
     with the head, then the rest from its connection (none when all came with the head, or
     more than announced, which the copy refuses)."""
@@ -48,7 +41,7 @@ def taken(resp: threadget.Response | urllib3get.Response, length: int) -> rawbod
     if remaining <= 0:
         resp.release(remaining == 0)
         return rawbody.Taken(buffered, None, 0)
-    return rawbody.Taken(buffered, blobget.BodySource(resp), remaining)
+    return rawbody.Taken(buffered, threadget.BodySource(resp), remaining)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -1,9 +1,12 @@
-"""The threaded blob GET of :mod:`proxy.fetch.threadget`, made with urllib3 instead of by hand.
+"""The threaded blob GET of :mod:`proxy.fetch.threadget`, made with urllib3 instead of by hand:
+the alternative that ``bench/plumbing.py`` measured against it (issue #20), kept here so that the
+figures in ``threadget``'s docstring can be measured again.
 
-Same interface (:func:`get_async`, :func:`get`, a :class:`Response` with ``status``, ``headers``,
-``buffered``, ``statuses``, ``error_body``, ``release``; :class:`BodySource` for
-:class:`proxy.fetch.rawbody.BodyCopy`; ``POOL.close()``), selected by ``REGPROXY_THREADGET=urllib3``
-to measure the two side by side (issue #20). urllib3 2.x does the connection pooling (keep-alive,
+``python -m bench.urllib3get serve ...`` is ``regproxy serve ...`` with this module in the place
+of ``threadget`` for blob GETs. Same interface (:func:`get_async`, :func:`get`, a
+:class:`Response` with ``status``, ``headers``, ``buffered``, ``statuses``, ``error_body``,
+``release``; :class:`BodySource` for :class:`proxy.fetch.rawbody.BodyCopy`; ``POOL.close()``);
+``tests/test_cold_path.py`` passed with it. urllib3 2.x does the connection pooling (keep-alive,
 ``POOL_PER_ORIGIN`` per origin), TLS (the same context as aiohttp's and threadget's) and the
 HTTP/1.1 framing; the redirects are followed here, one hop at a time, so that ``Authorization``
 goes to ``auth_origin`` only and each hop goes through the proxy the environment names for it
@@ -11,7 +14,7 @@ goes to ``auth_origin`` only and each hop goes through the proxy the environment
 decode_content=False`` by ``HTTPResponse.readinto`` into the copy's buffer, blocking (the socket's
 timeout is ``read_timeout``).
 
-Set ``REGPROXY_THREADGET=urllib3-fp`` to read the body with ``http.client``'s ``readinto``
+With ``REGPROXY_THREADGET=urllib3-fp`` it reads the body with ``http.client``'s ``readinto``
 (urllib3's ``HTTPResponse._fp``, private) instead: urllib3 2.x's ``readinto`` is
 ``read(len(b))`` copied into ``b``, and ``http.client``'s ``read(n)`` copies once more.
 """
@@ -22,6 +25,7 @@ import asyncio
 import concurrent.futures
 import os
 import ssl
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,7 +91,9 @@ POOL = Managers()
 _RETRY = urllib3.Retry(
     total=1, connect=0, read=1, redirect=0, status=0, respect_retry_after_header=False
 )
-_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="regproxy-get")
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+    max_workers=32, thread_name_prefix="regproxy-urllib3"
+)
 
 
 class _Conn:
@@ -247,3 +253,18 @@ def _read_small(resp: Response) -> bytes | None:
         return None
     resp.release(len(body) == length)
     return body
+
+
+def serve() -> int:
+    """``regproxy`` with this module making the threaded blob GETs."""
+    from proxy.cli import main
+    from proxy.fetch import downloads, spool
+
+    current = sys.modules[__name__]
+    downloads.threadget = current  # type: ignore[assignment]
+    spool.threadget = current  # type: ignore[assignment]
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(serve())
