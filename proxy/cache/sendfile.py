@@ -9,10 +9,11 @@ The waits cost little (issue #21): the headers are flushed by yielding to the lo
 what was queued at the end of each iteration) rather than by a 0.5 ms sleep loop; as much as the
 socket takes is sent before any wait (a 1 MiB blob usually needs none); a send that must wait
 registers one writer for its whole length, not an ``add_writer``/``remove_writer`` pair per
-``EAGAIN``. With ``wrk -t1 -c32 -d4s`` on this 2-core machine (heavily shared while measured,
-bench/RESULTS.md) warm 32 MiB went from 0.74x to 1.23x distribution's MB/s (medians of five),
-1 MiB from 389 to 658 MB/s. Sending the rest of a long send from a worker thread (so that the
-kernel's work of sending runs beside the loop) measured no better (1.05x) and was dropped.
+``EAGAIN``. With ``wrk -t1 -c32 -d4s`` (bench/warm_wrk.py; figures in bench/RESULTS.md) regproxy
+spends 0.13-0.14 CPU s per warm 32 MiB GB either way, and the connections' send buffers stay
+full (``ss``: ~4 MB not yet sent on each, the receive window of the client the limit), so that
+size is bounded by the client, not by these waits. Sending the rest of a long send from a worker
+thread measured no better and was dropped.
 
 Only for plain TCP: a TLS transport encrypts in user space, so :func:`can_sendfile` says no and
 callers write through the transport instead.

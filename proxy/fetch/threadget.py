@@ -20,6 +20,22 @@ back-off, chunked framing, a failure to connect) is asked again through
 :meth:`proxy.fetch.upstream.Upstream.request`. Connections whose body was read to its end are kept
 for the next blob from the same origin (Docker Hub sends every blob to one CDN host), at most
 ``POOL_PER_ORIGIN`` each for ``POOL_IDLE`` seconds.
+
+Why by hand rather than urllib3 (issue #20: switch if urllib3 came within 5 % in throughput and
+CPU per GB). urllib3 2.7 behind this interface (``bench/urllib3get.py``: its pools, keep-alive,
+TLS, ``ProxyManager`` per environment proxy, ``HTTPResponse.readinto`` with
+``preload_content=False, decode_content=False``) was measured against this module by
+``bench/plumbing.py``: fresh regproxies alternating, ``curl`` fetching one or four cold blobs of 64
+and 256 MiB, six samples each. regproxy's CPU per GB with urllib3 was 1.06-1.13x this module's
+from a plain-HTTP upstream and 1.00-1.27x from a TLS one, beyond 5 % in 7 of the 8 scenarios
+(throughput medians 0.74-1.16x, within the noise of the shared 2-core machine); the two clients
+alone (GET and read 256 MiB, no hashing, no disk) cost 1.08x plain and 1.47x over TLS. Where it
+goes: urllib3's ``readinto`` is ``read(len(b))`` copied into ``b``, and ``http.client``'s
+``read(n)`` allocates a new 1 MiB buffer and copies once more; over TLS every read goes down
+through ``io.BufferedReader``, ``socket.SocketIO`` and ``ssl.SSLSocket`` (reading with
+``http.client``'s own ``readinto``, without urllib3's copies, still cost 1.36x), where this module
+reads 1 MiB of ciphertext per ``readv`` and decrypts it into the caller's buffer. Figures:
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
