@@ -1,5 +1,5 @@
-"""Cold blobs read by worker threads on their own upstream connections (``proxy/fetch/threadget.py``,
-``proxy/fetch/rawbody.py``).
+"""Cold blobs read by worker threads on their own upstream connections
+(``proxy/fetch/threadget.py``, ``proxy/fetch/rawbody.py``).
 
 Every blob GET is made by a thread rather than through aiohttp; these tests hold that path to
 the same rules as every other: a wrong or short body reaches no client whole and is never cached,
