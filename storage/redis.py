@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Container
+from functools import partial
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -31,8 +33,21 @@ log = logging.getLogger(__name__)
 
 PREFIX = "regproxy"
 LOCK_TTL_MS = 30_000
+ACCESS_PAGE = 1000
 T = TypeVar("T")
 _AWAY = object()
+#: ZREM of each member (ARGV[2:]) whose score is below ARGV[1]: a replica that used the digest
+#: meanwhile keeps its entry.
+_FORGET = """
+local removed = 0
+for i = 2, #ARGV do
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score and tonumber(score) < tonumber(ARGV[1]) then
+        removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+    end
+end
+return removed
+"""
 
 
 def key(*parts: str) -> str:
@@ -126,6 +141,9 @@ class RedisCoordinator:
         self.client = client
         self.instance = instance
         self.guard = _Guard()
+        #: Members of the access set read (or removed) per command.
+        self.page = ACCESS_PAGE
+        self._forget = client.register_script(_FORGET)
 
     async def acquire(self, digest: str) -> bool | None:
         """True: we own the download. False: another replica does. None: Redis is away."""
@@ -197,9 +215,49 @@ class RedisCoordinator:
         if digests:
             await self.guard(lambda: self.client.zadd(key("access"), digests), None)
 
-    async def access_times(self) -> dict[str, float]:
-        async def call() -> list[Any]:
-            return list(await self.client.zrange(key("access"), 0, -1, withscores=True))
+    async def access_times(
+        self, listed: Container[str], *, stale_before: float
+    ) -> dict[str, float]:
+        """Last use, by any replica, of each digest in ``listed`` (the store's content).
 
-        pairs: list[Any] = await self.guard(call, [])
-        return {(d.decode() if isinstance(d, bytes) else str(d)): float(s) for d, s in pairs}
+        The set is read ``page`` members at a time, newest first, so a pass never holds more
+        of it than that. A member that is not in ``listed`` and was last used before
+        ``stale_before`` (its content was evicted, purged or collected) is removed as it is met.
+        """
+        times: dict[str, float] = {}
+        start = 0
+        while True:
+            read = partial(
+                self.client.zrange,
+                key("access"),
+                start,
+                start + self.page - 1,
+                desc=True,
+                withscores=True,
+            )
+            pairs: list[Any] = await self.guard(read, [])
+            gone = []
+            for raw, score in pairs:
+                digest = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if digest in listed:
+                    times[digest] = float(score)
+                elif score < stale_before:
+                    gone.append(digest)
+            removed = await self.forget(gone, before=stale_before)
+            if len(pairs) < self.page:
+                return times
+            start += self.page - removed  # removed members were on this page: the rest moved up
+
+    async def forget(self, digests: Collection[str], *, before: float = math.inf) -> int:
+        """Remove ``digests`` from the access set unless a replica used them since ``before``
+        (evicted or purged content); returns how many went."""
+        removed = 0
+        items = list(digests)
+        for i in range(0, len(items), self.page):
+            page = items[i : i + self.page]
+            if math.isinf(before):
+                call = partial(self.client.zrem, key("access"), *page)
+            else:
+                call = partial(self._forget, keys=[key("access")], args=[repr(before), *page])
+            removed += int(await self.guard(call, 0))
+        return removed

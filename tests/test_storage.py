@@ -6,12 +6,15 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from storage import (
+    CacheSettings,
     ContentStore,
     DigestMismatch,
     MetadataStore,
@@ -22,7 +25,8 @@ from storage import (
     create_store,
 )
 from storage import writer as writer_module
-from storage.redis import RedisMetadata, connect
+from storage.eviction import CacheManager
+from storage.redis import RedisCoordinator, RedisMetadata, connect
 from storage.writer import SpoolWriter
 from tests.harness.redis import RedisServer
 from tests.harness.seaweed import SeaweedS3
@@ -296,3 +300,57 @@ async def test_spool_reserves_blocks_only_a_window_ahead(
     finally:
         await spool.cancel()  # a failure must not leave the blocks held
     assert not spool.path.exists()
+
+
+async def test_eviction_pages_through_shared_access_times_and_drops_gone_digests(
+    tmp_path: Path,
+) -> None:
+    """``regproxy:access`` gets a member for every digest a fleet serves. An eviction pass reads
+    it a bounded page at a time (never all of it at once), removes the members of what it
+    evicts and of content long gone from the store, and still orders by the shared times."""
+    server = RedisServer(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    client = connect(server.url)
+    store = create_store(tmp_path / "root", None, WorkSettings())
+    await store.open()
+    try:
+        now = time.time()
+        blobs = [os.urandom(1000) for _ in range(20)]
+        for data in blobs:
+            writer = store.blob_writer(digest(data))
+            await writer.write(data)
+            await writer.commit(digest(data))
+            local = store.local_blob(digest(data))
+            assert local is not None
+            os.utime(local.path, (now - 200 * 86400, now - 200 * 86400))
+        # last use by the fleet: an order unlike the write order, older than every leftover
+        order = [blobs[(i * 7) % 20] for i in range(20)]  # order[0] used longest ago
+        used_at = {digest(b): now - 100 * 86400 + i * 3600 for i, b in enumerate(order)}
+        leftovers = {f"sha256:{i:064x}": now - 86400 - i for i in range(3000)}  # gone long ago
+        unlisted = {f"sha256:{'f' * 60}{i:04x}": now - 5 for i in range(10)}  # may lag a listing
+        admin.zadd("regproxy:access", {**used_at, **leftovers, **unlisted})
+        admin.config_set("slowlog-log-slower-than", 0)
+        admin.config_set("slowlog-max-len", 100_000)
+        admin.slowlog_reset()
+
+        cache = CacheManager(store, CacheSettings(max_size=20_000), interval=3600)
+        cache.coordinator = RedisCoordinator(client, store.instance)
+        cache.coordinator.page = 100
+        await cache.evict()
+
+        # down to 85% of 20 kB: the three the fleet used longest ago, by the shared times
+        evicted = {digest(b) for b in blobs if await store.stat_blob(digest(b)) is None}
+        assert evicted == {digest(b) for b in order[:3]}
+        logged = [entry["command"].decode().split() for entry in admin.slowlog_get(100_000)]
+        ranges = [c for c in logged if c[0].upper() in ("ZRANGE", "ZREVRANGE")]
+        assert len(ranges) >= 3030 // 100, ranges  # it went through the whole set, page by page
+        for command in ranges:
+            start, stop = int(command[2]), int(command[3])
+            assert 0 <= start <= stop and stop - start + 1 <= 100, command
+        left = {m.decode() for m in admin.zrange("regproxy:access", 0, -1)}
+        assert left == {digest(b) for b in order[3:]} | set(unlisted)
+    finally:
+        await store.close()
+        await client.aclose()
+        admin.close()
+        server.stop()
