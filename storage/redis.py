@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from storage.base import TagEntry
-from storage.content import ContentStore
+from storage.content import ContentStore, parse_tag
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ class _Guard:
             return fallback
 
 
+def _glob(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def connect(url: str) -> aioredis.Redis:
     return aioredis.from_url(
         url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=10
@@ -89,13 +94,20 @@ class RedisMetadata:
         self.guard = _Guard()
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        raw = await self.guard(lambda: self.client.get(key("tag", upstream, repository, tag)), None)
+        raw = await self.guard(
+            lambda: self.client.get(key("tag", upstream, repository, tag)), _AWAY
+        )
+        if raw is _AWAY:
+            return await self.disk.get_tag(upstream, repository, tag)
         if raw is not None:
             try:
-                return TagEntry(**json.loads(raw))
+                return TagEntry(**json.loads(raw))  # type: ignore[arg-type]
             except (ValueError, TypeError):
                 pass
-        return await self.disk.get_tag(upstream, repository, tag)
+        # Not in Redis: the store's record, not this process's memory of it (a purge by
+        # another process removes both the Redis key and the record).
+        record = await self.disk.get_record(upstream, repository, "tags", tag)
+        return parse_tag(record) if record is not None else None
 
     async def set_tag(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
         value = json.dumps(
@@ -132,6 +144,34 @@ class RedisMetadata:
             lambda: self.client.set(key("rec", upstream, repository, kind, name), value), None
         )
         await self.disk.set_record(upstream, repository, kind, name, value)
+
+    async def purge(
+        self, upstream: str, repository: str, tag: str | None, digests: Collection[str]
+    ) -> int:
+        """Forget what ``regproxy cache purge`` removed from the store: the tag (every tag when
+        ``tag`` is None) and the repository's records of it, and the access times of
+        ``digests``. Raises ``RedisError``: a purge that cannot reach Redis must say so.
+        Returns how many keys went."""
+        records = key("rec", upstream, repository)
+        names = {tag, *digests, *(d.replace(":", "-") for d in digests)}
+        doomed: list[Any] = []
+        if tag is None:
+            pattern = _glob(key("tag", upstream, repository)) + ":*"
+            doomed += [k async for k in self.client.scan_iter(match=pattern, count=1000)]
+        else:
+            doomed.append(key("tag", upstream, repository, tag))
+        async for found in self.client.scan_iter(match=_glob(records) + ":*", count=1000):
+            name = found.decode() if isinstance(found, bytes) else str(found)
+            kind, _, record = name[len(records) + 1 :].partition(":")
+            if tag is None or kind == "tagslist" or record in names:
+                doomed.append(found)
+        gone = 0
+        for i in range(0, len(doomed), 1000):
+            gone += int(await self.client.delete(*doomed[i : i + 1000]))
+        items = list(digests)
+        for i in range(0, len(items), 1000):
+            await self.client.zrem(key("access"), *items[i : i + 1000])
+        return gone
 
 
 class RedisCoordinator:
@@ -256,8 +296,9 @@ class RedisCoordinator:
         for i in range(0, len(items), self.page):
             page = items[i : i + self.page]
             if math.isinf(before):
-                call = partial(self.client.zrem, key("access"), *page)
+                removed += int(await self.guard(partial(self.client.zrem, key("access"), *page), 0))
             else:
-                call = partial(self._forget, keys=[key("access")], args=[repr(before), *page])
-            removed += int(await self.guard(call, 0))
+                args = [repr(before), *page]
+                call = partial(self._forget, keys=[key("access")], args=args)
+                removed += int(await self.guard(call, 0))
         return removed
