@@ -15,10 +15,10 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from yarl import URL
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +76,51 @@ class HeadDeadline(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-class GuardedTCPSite(web.TCPSite):
-    """A TCP site whose connections get a :class:`HeadDeadline`."""
+class GuardedTCPSite(web.BaseSite):
+    """A TCP site whose connections get a :class:`HeadDeadline`.
 
-    def __init__(self, runner: web.BaseRunner, *args: Any, head_timeout: float, **kwargs: Any):
-        super().__init__(runner, *args, **kwargs)
-        self._head_timeout = head_timeout
+    Built on aiohttp's public site API (``BaseSite``: register with the runner in ``start``,
+    unregister in ``stop``; ``runner.server`` is the protocol factory): the listening server is
+    this class's own, not a copy of ``TCPSite.start`` and its private fields.
+    """
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str | None,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        head_timeout: float,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.runner = runner
+        self.host = host
+        self.port = port
+        self.tls = ssl_context
+        self.head_timeout = head_timeout
+        self.listener: asyncio.Server | None = None
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self.tls else "http"
+        sockets = self.listener.sockets if self.listener is not None else ()
+        port = sockets[0].getsockname()[1] if sockets else self.port
+        return str(URL.build(scheme=scheme, host=self.host or "0.0.0.0", port=port))
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
-        factory = self._runner.server
+        await super().start()
+        factory = self.runner.server
         assert factory is not None
-        timeout = self._head_timeout
-        self._server = await loop.create_server(
-            lambda: HeadDeadline(factory(), timeout),
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
+        timeout = self.head_timeout
+        self.listener = await asyncio.get_running_loop().create_server(
+            lambda: HeadDeadline(factory(), timeout), self.host, self.port, ssl=self.tls
         )
+
+    async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        await super().stop()
 
 
 async def serve(
@@ -118,6 +141,7 @@ async def serve(
         access_log=logging.getLogger("proxy.access"),
         keepalive_timeout=KEEPALIVE_TIMEOUT,
         handle_signals=False,
+        shutdown_timeout=5.0,
     )
     await runner.setup()
     stop = asyncio.Event()
@@ -132,7 +156,6 @@ async def serve(
             host or None,
             port,
             ssl_context=ssl_context,
-            shutdown_timeout=5.0,
             head_timeout=head_timeout,
         )
         await site.start()
