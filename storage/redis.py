@@ -94,9 +94,8 @@ class RedisMetadata:
         self.guard = _Guard()
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        raw = await self.guard(
-            lambda: self.client.get(key("tag", upstream, repository, tag)), _AWAY
-        )
+        name = key("tag", upstream, repository, tag)
+        raw = await self.guard(lambda: self.client.get(name), _AWAY)
         if raw is _AWAY:
             return await self.disk.get_tag(upstream, repository, tag)
         if raw is not None:
@@ -105,9 +104,13 @@ class RedisMetadata:
             except (ValueError, TypeError):
                 pass
         # Not in Redis: the store's record, not this process's memory of it (a purge by
-        # another process removes both the Redis key and the record).
+        # another process removes both the Redis key and the record) ...
         record = await self.disk.get_record(upstream, repository, "tags", tag)
-        return parse_tag(record) if record is not None else None
+        entry = parse_tag(record) if record is not None else None
+        if entry is not None:
+            # ... and back into Redis (a Redis restarted empty), unless a replica set it since
+            await self.guard(lambda: self.client.set(name, record, nx=True), None)  # type: ignore[arg-type]
+        return entry
 
     async def set_tag(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
         value = json.dumps(

@@ -379,3 +379,34 @@ async def test_eviction_pages_through_shared_access_times_and_drops_gone_digests
         await client.aclose()
         admin.close()
         server.stop()
+
+
+async def test_a_tag_redis_lacks_comes_from_the_store_record_not_memory(tmp_path: Path) -> None:
+    """Redis restarted empty: the tag comes from the store's record and goes back into Redis.
+    The record removed by another process (``regproxy cache purge``): no tag, although this
+    process set it and still remembers it."""
+    server = RedisServer(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    client = connect(server.url)
+    store = create_store(tmp_path / "root", None, WorkSettings())
+    await store.open()
+    try:
+        meta = RedisMetadata(client, store)
+        entry = TagEntry("sha256:" + "d" * 64, "application/vnd.oci.image.index.v1+json", 7, 3.0)
+        await meta.set_tag("docker.io", "library/x", "1", entry)
+        admin.flushall()
+        assert await meta.get_tag("docker.io", "library/x", "1") == entry
+        assert admin.exists("regproxy:tag:docker.io:library/x:1")
+
+        admin.flushall()
+        other = create_store(tmp_path / "root", None, WorkSettings())  # the purging process
+        await other.open()
+        await other.delete_tag("docker.io", "library/x", "1")
+        await other.close()
+        assert await meta.get_tag("docker.io", "library/x", "1") is None
+        assert not admin.exists("regproxy:tag:docker.io:library/x:1")
+    finally:
+        await store.close()
+        await client.aclose()
+        admin.close()
+        server.stop()
