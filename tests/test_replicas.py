@@ -135,6 +135,9 @@ async def test_a_purged_tag_is_asked_of_upstream_again_by_every_replica(
 
     # a purge that cannot reach the fleet's Redis says so and leaves the store alone
     tag_record = volume / "repositories" / "docker.io" / "library" / "purged" / "_tags" / "1"
+    algorithm, _, hexpart = image.digest.partition(":")
+    manifest_file = volume / "manifests" / algorithm / hexpart[:2] / hexpart
+    assert manifest_file.exists()
     assert tag_record.exists()
     away = ["--redis", "redis://127.0.0.1:9/0"]
     refused = run_cli(
@@ -158,7 +161,10 @@ async def test_a_purged_tag_is_asked_of_upstream_again_by_every_replica(
         status, headers, body = await fetch(f"{proxy.url}/v2/library/purged/manifests/1")
         assert (status, body) == (200, image.raw)
         assert headers["X-Cache"] == "MISS", proxy.url
+        # the tag asked again, and the manifest fetched again (not served from memory)
         assert upstream.count(path_contains="/library/purged/manifests/1") >= 1, proxy.url
+        assert upstream.count("GET", "/library/purged/manifests/") == 1, proxy.url
+        assert manifest_file.exists()  # stored again
     # the other image kept its records and is still served from the cache
     upstream.reset()
     status, headers, body = await fetch(f"{a.url}/v2/library/kept/manifests/1")
