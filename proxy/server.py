@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
+from abc import abstractmethod
 from collections.abc import Callable
 
 from aiohttp import web
@@ -76,13 +78,43 @@ class HeadDeadline(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-class GuardedTCPSite(web.BaseSite):
-    """A TCP site whose connections get a :class:`HeadDeadline`.
+class GuardedSite(web.BaseSite):
+    """A site whose connections get a :class:`HeadDeadline`, on aiohttp's public site API
+    (``BaseSite``: ``start`` registers it with the runner, ``stop`` unregisters it;
+    ``runner.server`` is the protocol factory). The listening server is the site's own, not a
+    copy of ``TCPSite.start`` and its private fields. Subclasses say where to listen."""
 
-    Built on aiohttp's public site API (``BaseSite``: register with the runner in ``start``,
-    unregister in ``stop``; ``runner.server`` is the protocol factory): the listening server is
-    this class's own, not a copy of ``TCPSite.start`` and its private fields.
-    """
+    def __init__(
+        self, runner: web.BaseRunner, *, ssl_context: ssl.SSLContext | None, head_timeout: float
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.runner = runner
+        self.tls = ssl_context
+        self.head_timeout = head_timeout
+        self.listener: asyncio.Server | None = None
+
+    @abstractmethod
+    async def listen(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+        """Start listening, with ``factory`` making each connection's protocol."""
+
+    def _url(self, host: str, port: int) -> str:
+        return str(URL.build(scheme="https" if self.tls else "http", host=host, port=port))
+
+    async def start(self) -> None:
+        await super().start()
+        server = self.runner.server
+        assert server is not None
+        timeout = self.head_timeout
+        self.listener = await self.listen(lambda: HeadDeadline(server(), timeout))
+
+    async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        await super().stop()
+
+
+class GuardedTCPSite(GuardedSite):
+    """Listens on ``host:port`` (``host`` None: every address, IPv4 and IPv6)."""
 
     def __init__(
         self,
@@ -93,34 +125,42 @@ class GuardedTCPSite(web.BaseSite):
         ssl_context: ssl.SSLContext | None,
         head_timeout: float,
     ) -> None:
-        super().__init__(runner, ssl_context=ssl_context)
-        self.runner = runner
+        super().__init__(runner, ssl_context=ssl_context, head_timeout=head_timeout)
         self.host = host
         self.port = port
-        self.tls = ssl_context
-        self.head_timeout = head_timeout
-        self.listener: asyncio.Server | None = None
 
     @property
     def name(self) -> str:
-        scheme = "https" if self.tls else "http"
         sockets = self.listener.sockets if self.listener is not None else ()
-        port = sockets[0].getsockname()[1] if sockets else self.port
-        return str(URL.build(scheme=scheme, host=self.host or "0.0.0.0", port=port))
+        port = sockets[0].getsockname()[1] if sockets else self.port  # the port bound
+        return self._url(self.host or "0.0.0.0", port)
 
-    async def start(self) -> None:
-        await super().start()
-        factory = self.runner.server
-        assert factory is not None
-        timeout = self.head_timeout
-        self.listener = await asyncio.get_running_loop().create_server(
-            lambda: HeadDeadline(factory(), timeout), self.host, self.port, ssl=self.tls
-        )
+    async def listen(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(factory, self.host, self.port, ssl=self.tls)
 
-    async def stop(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-        await super().stop()
+
+class GuardedSockSite(GuardedSite):
+    """Listens on a socket bound already (by a parent process, for instance)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        head_timeout: float,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, head_timeout=head_timeout)
+        self.sock = sock
+
+    @property
+    def name(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return self._url(host, port)
+
+    async def listen(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(factory, sock=self.sock, ssl=self.tls)
 
 
 async def serve(
