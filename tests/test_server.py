@@ -116,6 +116,7 @@ async def _head_is_cut(host: str, port: int) -> float:
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
 async def test_every_address_means_ipv4_and_ipv6(caplog: pytest.LogCaptureFixture) -> None:
     """``--listen :PORT`` (host empty): one site, both families, both guarded."""
+    caplog.set_level(logging.INFO, logger="proxy.server")
     app = web.Application()
     app.router.add_get("/ping", _pong)
     port = free_port()
@@ -127,6 +128,7 @@ async def test_every_address_means_ipv4_and_ipv6(caplog: pytest.LogCaptureFixtur
             if "listening on" in caplog.text or server.done():
                 break
             await asyncio.sleep(0.02)
+        assert "listening on http://0.0.0.0:" in caplog.text, caplog.text
         for host in ("127.0.0.1", "::1"):
             url_host = f"[{host}]" if ":" in host else host
             assert await _get(f"http://{url_host}:{port}/ping") == (200, "pong"), host
