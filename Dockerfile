@@ -37,17 +37,17 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 # .dockerignore admits only what the wheel is built from: pyproject.toml, README.md, proxy/,
-# storage/. One COPY, one layer.
+# storage/, and constraints.txt, the tested versions of its dependencies. One COPY, one layer.
 COPY . /src
 
-# The wheel of this tree, installed with its dependencies from the index into /opt/regproxy;
-# then pip goes.
+# The wheel of this tree, installed with its dependencies (the tested versions) from the index
+# into /opt/regproxy; then pip goes.
 RUN --mount=type=secret,id=pip_cert,required=false \
     set -eu; \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     python3 -m venv /opt/regproxy; \
     /opt/regproxy/bin/pip wheel --no-deps --wheel-dir /tmp/wheels /src; \
-    /opt/regproxy/bin/pip install /tmp/wheels/regproxy-*.whl; \
+    /opt/regproxy/bin/pip install --constraint /src/constraints.txt /tmp/wheels/regproxy-*.whl; \
     /opt/regproxy/bin/python -m pip uninstall --yes pip setuptools
 
 # --------------------------------------------------------------------------- runtime

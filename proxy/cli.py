@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(purge)
     purge.add_argument("image", metavar="IMAGE[:TAG]", help="without a tag: every tag")
+    purge.add_argument(
+        "--redis", metavar="URL", help="the fleet's Redis: forget the image's records there too"
+    )
     purge.add_argument("--json", action="store_true", help="print JSON")
     purge.set_defaults(handler=cmd_cache_purge)
 
@@ -322,7 +325,12 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 def _storage_config(args: argparse.Namespace) -> Config:
     config = load_config(
-        config_file=args.config, flags={"storage": args.storage, "work_dir": args.work_dir}
+        config_file=args.config,
+        flags={
+            "storage": args.storage,
+            "work_dir": args.work_dir,
+            "redis.url": getattr(args, "redis", None),
+        },
     )
     if config.s3 is None and not config.storage.is_dir():
         raise ConfigError("storage", f"{config.storage} is not a directory")
@@ -394,9 +402,25 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
     upstream, repository = Router(config.upstreams, config.default_upstream).route(
         ref.repository, None
     )
-    result = _with_store(
-        config, lambda store: maintenance.purge(store, upstream, repository, ref.tag)
-    )
+
+    async def purge(store: ContentStore) -> dict[str, Any]:
+        if config.redis_url is None:
+            return await maintenance.purge(store, upstream, repository, ref.tag)
+        from redis.exceptions import RedisError
+
+        from storage.redis import RedisMetadata, connect
+
+        client = connect(config.redis_url)
+        try:
+            await client.ping()  # the fleet's records must go too: fail before the store
+            meta = RedisMetadata(client, store)
+            return await maintenance.purge(store, upstream, repository, ref.tag, meta)
+        except (RedisError, OSError) as exc:
+            raise commands.CommandError(f"redis {config.redis_url}: {exc}") from None
+        finally:
+            await client.aclose()
+
+    result = _with_store(config, purge)
     text = (
         f"purged {result['tags']} tags of {upstream}/{repository}: "
         f"{result['files']} files, {_size(result['bytes'])} freed"

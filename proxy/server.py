@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
+from abc import abstractmethod
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from yarl import URL
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +78,89 @@ class HeadDeadline(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-class GuardedTCPSite(web.TCPSite):
-    """A TCP site whose connections get a :class:`HeadDeadline`."""
+class GuardedSite(web.BaseSite):
+    """A site whose connections get a :class:`HeadDeadline`, on aiohttp's public site API
+    (``BaseSite``: ``start`` registers it with the runner, ``stop`` unregisters it;
+    ``runner.server`` is the protocol factory). The listening server is the site's own, not a
+    copy of ``TCPSite.start`` and its private fields. Subclasses say where to listen."""
 
-    def __init__(self, runner: web.BaseRunner, *args: Any, head_timeout: float, **kwargs: Any):
-        super().__init__(runner, *args, **kwargs)
-        self._head_timeout = head_timeout
+    def __init__(
+        self, runner: web.BaseRunner, *, ssl_context: ssl.SSLContext | None, head_timeout: float
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.runner = runner
+        self.tls = ssl_context
+        self.head_timeout = head_timeout
+        self.listener: asyncio.Server | None = None
+
+    @abstractmethod
+    async def listen(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+        """Start listening, with ``factory`` making each connection's protocol."""
+
+    def _url(self, host: str, port: int) -> str:
+        return str(URL.build(scheme="https" if self.tls else "http", host=host, port=port))
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)
+        await super().start()
+        server = self.runner.server
+        assert server is not None
+        timeout = self.head_timeout
+        self.listener = await self.listen(lambda: HeadDeadline(server(), timeout))
+
+    async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        await super().stop()
+
+
+class GuardedTCPSite(GuardedSite):
+    """Listens on ``host:port`` (``host`` None: every address, IPv4 and IPv6)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str | None,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        head_timeout: float,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, head_timeout=head_timeout)
+        self.host = host
+        self.port = port
+
+    @property
+    def name(self) -> str:
+        sockets = self.listener.sockets if self.listener is not None else ()
+        port = sockets[0].getsockname()[1] if sockets else self.port  # the port bound
+        return self._url(self.host or "0.0.0.0", port)
+
+    async def listen(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        factory = self._runner.server
-        assert factory is not None
-        timeout = self._head_timeout
-        self._server = await loop.create_server(
-            lambda: HeadDeadline(factory(), timeout),
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
+        return await loop.create_server(factory, self.host, self.port, ssl=self.tls)
+
+
+class GuardedSockSite(GuardedSite):
+    """Listens on a socket bound already (by a parent process, for instance)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        head_timeout: float,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, head_timeout=head_timeout)
+        self.sock = sock
+
+    @property
+    def name(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return self._url(host, port)
+
+    async def listen(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(factory, sock=self.sock, ssl=self.tls)
 
 
 async def serve(
@@ -118,6 +181,7 @@ async def serve(
         access_log=logging.getLogger("proxy.access"),
         keepalive_timeout=KEEPALIVE_TIMEOUT,
         handle_signals=False,
+        shutdown_timeout=5.0,
     )
     await runner.setup()
     stop = asyncio.Event()
@@ -132,7 +196,6 @@ async def serve(
             host or None,
             port,
             ssl_context=ssl_context,
-            shutdown_timeout=5.0,
             head_timeout=head_timeout,
         )
         await site.start()

@@ -44,7 +44,9 @@ With ``--redis`` (keys made by ``storage.redis.key`` only; every record is also 
 
     regproxy:tag:<upstream>:<repository>:<tag>          tag answer (JSON, as ``_tags/<tag>``)
     regproxy:rec:<upstream>:<repository>:<kind>:<key>   records: sources, synth, tagslist
-    regproxy:access                                     ZSET digest -> last use (unix time)
+    regproxy:access                                     ZSET digest -> last use (unix time);
+                                                        eviction reads it in pages and drops
+                                                        what is gone (purge does too)
     regproxy:lock:blob:<digest>                         the replica downloading it (30 s TTL,
                                                         refreshed while it runs)
     regproxy:inflight:<digest>                          {"url","size","owner","upstream",

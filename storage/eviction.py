@@ -7,6 +7,9 @@
   served, at most once a minute, so the order survives restarts), this process's own record of
   uses, and — with Redis — every replica's (``regproxy:access``). Object stores keep no access
   time, so on S3 without Redis a restart forgets recency back to the upload time.
+* With Redis, what a pass removes leaves ``regproxy:access`` too, and so does any member whose
+  content the listing no longer shows (``UNLISTED_GRACE``); a pass reads the set a page at a
+  time and keeps only the times of listed content.
 * A pass runs every ``interval`` seconds and at once when ``used`` crosses the high watermark. It
   removes the least recently used content until ``used`` is under the low watermark, and all that
   was unused for ``blob_ttl`` when that is set. It never removes a pinned image's manifests or
@@ -41,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 60.0
+#: A shared access time of content the listing does not show is dropped once it is this old
+#: (a listing may lag behind fresh writes; anything older was evicted, purged or collected).
+UNLISTED_GRACE = 600.0
 
 
 @dataclass
@@ -50,6 +56,8 @@ class EvictionReport:
     removed: dict[str, int] = field(default_factory=lambda: {"blob": 0, "manifest": 0})
     freed: int = 0
     pinned: int = 0
+    #: Digests of what was removed.
+    digests: list[str] = field(default_factory=list)
 
 
 async def pinned_digests(store: ContentStore, pins: tuple[str, ...]) -> set[str]:
@@ -180,15 +188,20 @@ class CacheManager:
     async def evict(self) -> EvictionReport:
         """One pass: list, then remove LRU content down to the low watermark (and expired)."""
         async with self._lock:
+            started = time.time()
+            files = await self.store.list_content()
             shared: dict[str, float] = {}
             if self.coordinator is not None:
                 pending, self._pending_access = self._pending_access, {}
                 await self.coordinator.accessed(pending)
-                shared = await self.coordinator.access_times()
-            files = await self.store.list_content()
+                shared = await self.coordinator.access_times(
+                    {f.digest for f in files}, stale_before=started - UNLISTED_GRACE
+                )
             protected = await pinned_digests(self.store, self.config.pin)
             protected |= {d for d, n in self.in_use.items() if n > 0}
             report = await self._evict(files, shared, protected)
+            if self.coordinator is not None:
+                await self.coordinator.forget(report.digests, before=started)
             unlisted = self._unlisted(files)
             self._set_used(report.used_after + unlisted)
         if unlisted and self._over_high():
@@ -239,6 +252,7 @@ class CacheManager:
                 used -= item.size
                 report.freed += item.size
                 report.removed[item.kind] += 1
+                report.digests.append(item.digest)
         if must_shrink and target is not None and used > target:
             log.warning(
                 "cannot evict below the low watermark: the rest is pinned or in use "

@@ -14,9 +14,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage.content import ContentStore, content_key, parse_tag
+
+if TYPE_CHECKING:
+    from storage.redis import RedisMetadata
 
 #: Unreferenced blobs younger than this are left alone by gc (a pull may be between its
 #: manifest and its blobs, or a client may fetch a blob by digest alone).
@@ -105,9 +108,14 @@ class Freed:
 
 
 async def purge(
-    store: ContentStore, upstream: str, repository: str, tag: str | None
+    store: ContentStore,
+    upstream: str,
+    repository: str,
+    tag: str | None,
+    redis: RedisMetadata | None = None,
 ) -> dict[str, Any]:
-    """Forget a tag (or every tag of a repository) and the content only it referenced."""
+    """Forget a tag (or every tag of a repository) and the content only it referenced; with
+    ``redis``, the fleet's records of them too (see ``RedisMetadata.purge``)."""
     records = await store.list_tags()
     doomed = [
         r
@@ -115,7 +123,10 @@ async def purge(
         if r.upstream == upstream and r.repository == repository and (tag is None or r.tag == tag)
     ]
     if not doomed:
-        return {"tags": 0, **Freed().as_dict()}
+        result: dict[str, Any] = {"tags": 0, **Freed().as_dict()}
+        if redis is not None:  # a record the store lost, or a purge made without Redis
+            result["redis_keys"] = await redis.purge(upstream, repository, tag, ())
+        return result
     candidates: set[str] = set()
     keep: set[str] = set()
     for record in records:
@@ -137,7 +148,10 @@ async def purge(
         await freed.remove(store, "manifest", manifest)
         await store.driver.delete(manifest + ".type")
         await freed.remove(store, "blob", content_key("blobs", digest))
-    return {"tags": len(doomed), **freed.as_dict()}
+    result = {"tags": len(doomed), **freed.as_dict()}
+    if redis is not None:
+        result["redis_keys"] = await redis.purge(upstream, repository, tag, candidates - keep)
+    return result
 
 
 async def gc(store: ContentStore, *, min_age: float = GC_MIN_AGE) -> dict[str, Any]:

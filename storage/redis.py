@@ -16,23 +16,38 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Container
+from functools import partial
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from storage.base import TagEntry
-from storage.content import ContentStore
+from storage.content import ContentStore, parse_tag
 
 log = logging.getLogger(__name__)
 
 PREFIX = "regproxy"
 LOCK_TTL_MS = 30_000
+ACCESS_PAGE = 1000
 T = TypeVar("T")
 _AWAY = object()
+#: ZREM of each member (ARGV[2:]) whose score is below ARGV[1]: a replica that used the digest
+#: meanwhile keeps its entry.
+_FORGET = """
+local removed = 0
+for i = 2, #ARGV do
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score and tonumber(score) < tonumber(ARGV[1]) then
+        removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+    end
+end
+return removed
+"""
 
 
 def key(*parts: str) -> str:
@@ -59,6 +74,11 @@ class _Guard:
             return fallback
 
 
+def _glob(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def connect(url: str) -> aioredis.Redis:
     return aioredis.from_url(
         url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=10
@@ -74,13 +94,23 @@ class RedisMetadata:
         self.guard = _Guard()
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        raw = await self.guard(lambda: self.client.get(key("tag", upstream, repository, tag)), None)
+        name = key("tag", upstream, repository, tag)
+        raw = await self.guard(lambda: self.client.get(name), _AWAY)
+        if raw is _AWAY:
+            return await self.disk.get_tag(upstream, repository, tag)
         if raw is not None:
             try:
-                return TagEntry(**json.loads(raw))
+                return TagEntry(**json.loads(raw))  # type: ignore[arg-type]
             except (ValueError, TypeError):
                 pass
-        return await self.disk.get_tag(upstream, repository, tag)
+        # Not in Redis: the store's record, not this process's memory of it (a purge by
+        # another process removes both the Redis key and the record) ...
+        record = await self.disk.get_record(upstream, repository, "tags", tag)
+        entry = parse_tag(record) if record is not None else None
+        if entry is not None:
+            # ... and back into Redis (a Redis restarted empty), unless a replica set it since
+            await self.guard(lambda: self.client.set(name, record, nx=True), None)  # type: ignore[arg-type]
+        return entry
 
     async def set_tag(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
         value = json.dumps(
@@ -118,6 +148,34 @@ class RedisMetadata:
         )
         await self.disk.set_record(upstream, repository, kind, name, value)
 
+    async def purge(
+        self, upstream: str, repository: str, tag: str | None, digests: Collection[str]
+    ) -> int:
+        """Forget what ``regproxy cache purge`` removed from the store: the tag (every tag when
+        ``tag`` is None) and the repository's records of it, and the access times of
+        ``digests``. Raises ``RedisError``: a purge that cannot reach Redis must say so.
+        Returns how many keys went."""
+        records = key("rec", upstream, repository)
+        names = {tag, *digests, *(d.replace(":", "-") for d in digests)}
+        doomed: list[Any] = []
+        if tag is None:
+            pattern = _glob(key("tag", upstream, repository)) + ":*"
+            doomed += [k async for k in self.client.scan_iter(match=pattern, count=1000)]
+        else:
+            doomed.append(key("tag", upstream, repository, tag))
+        async for found in self.client.scan_iter(match=_glob(records) + ":*", count=1000):
+            name = found.decode() if isinstance(found, bytes) else str(found)
+            kind, _, record = name[len(records) + 1 :].partition(":")
+            if tag is None or kind == "tagslist" or record in names:
+                doomed.append(found)
+        gone = 0
+        for i in range(0, len(doomed), 1000):
+            gone += int(await self.client.delete(*doomed[i : i + 1000]))
+        items = list(digests)
+        for i in range(0, len(items), 1000):
+            await self.client.zrem(key("access"), *items[i : i + 1000])
+        return gone
+
 
 class RedisCoordinator:
     """Cross-replica single flight for blob downloads, and shared access times."""
@@ -126,6 +184,9 @@ class RedisCoordinator:
         self.client = client
         self.instance = instance
         self.guard = _Guard()
+        #: Members of the access set read (or removed) per command.
+        self.page = ACCESS_PAGE
+        self._forget = client.register_script(_FORGET)
 
     async def acquire(self, digest: str) -> bool | None:
         """True: we own the download. False: another replica does. None: Redis is away."""
@@ -197,9 +258,50 @@ class RedisCoordinator:
         if digests:
             await self.guard(lambda: self.client.zadd(key("access"), digests), None)
 
-    async def access_times(self) -> dict[str, float]:
-        async def call() -> list[Any]:
-            return list(await self.client.zrange(key("access"), 0, -1, withscores=True))
+    async def access_times(
+        self, listed: Container[str], *, stale_before: float
+    ) -> dict[str, float]:
+        """Last use, by any replica, of each digest in ``listed`` (the store's content).
 
-        pairs: list[Any] = await self.guard(call, [])
-        return {(d.decode() if isinstance(d, bytes) else str(d)): float(s) for d, s in pairs}
+        The set is read ``page`` members at a time, newest first, so a pass never holds more
+        of it than that. A member that is not in ``listed`` and was last used before
+        ``stale_before`` (its content was evicted, purged or collected) is removed as it is met.
+        """
+        times: dict[str, float] = {}
+        start = 0
+        while True:
+            read = partial(
+                self.client.zrange,
+                key("access"),
+                start,
+                start + self.page - 1,
+                desc=True,
+                withscores=True,
+            )
+            pairs: list[Any] = await self.guard(read, [])
+            gone = []
+            for raw, score in pairs:
+                digest = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if digest in listed:
+                    times[digest] = float(score)
+                elif score < stale_before:
+                    gone.append(digest)
+            removed = await self.forget(gone, before=stale_before)
+            if len(pairs) < self.page:
+                return times
+            start += self.page - removed  # removed members were on this page: the rest moved up
+
+    async def forget(self, digests: Collection[str], *, before: float = math.inf) -> int:
+        """Remove ``digests`` from the access set unless a replica used them since ``before``
+        (evicted or purged content); returns how many went."""
+        removed = 0
+        items = list(digests)
+        for i in range(0, len(items), self.page):
+            page = items[i : i + self.page]
+            if math.isinf(before):
+                removed += int(await self.guard(partial(self.client.zrem, key("access"), *page), 0))
+            else:
+                args = [repr(before), *page]
+                call = partial(self._forget, keys=[key("access")], args=args)
+                removed += int(await self.guard(call, 0))
+        return removed

@@ -26,10 +26,12 @@ Every server listens on 127.0.0.1 only and is stopped by the fixture that starte
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,32 @@ from tests.harness.s3front import S3Front
 from tests.harness.seaweed import S3Location, SeaweedS3, empty_bucket
 from tests.harness.tlsca import LocalCA, make_ca
 from tests.harness.tokens import TokenIssuer, TokenRegistry
+
+
+def _uvloop() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:
+
+        def missing() -> asyncio.AbstractEventLoop:
+            message = "uvloop, the loop regproxy serves on, is not installed"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+
+        return missing
+    return uvloop.new_event_loop
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The event loop of each async test: asyncio's own; a test marked ``served_loop`` (code of
+    the server that depends on the loop, as the sendfile path does) runs on uvloop, which
+    ``regproxy serve`` installs, and on asyncio's loop, its fallback."""
+    if item.get_closest_marker("served_loop") is not None:
+        return {"uvloop": _uvloop(), "asyncio": asyncio.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

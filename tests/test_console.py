@@ -634,3 +634,47 @@ def test_dashboard_ships_in_the_chart_as_a_grafana_configmap(tmp_path: Path) -> 
     assert json.loads(cm["data"]["regproxy.json"]) == json.loads(DASHBOARD.read_text())
     validate_object(cm, "1.25.0")
     assert yaml.safe_dump(cm)  # plain data, renders back
+
+
+async def test_a_download_cut_short_counts_no_bytes(
+    registry: Any, front: FrontFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Headers and part of a blob went out, then upstream broke for good: the client got no
+    blob, so neither the console's bytes per repository nor served_bytes count it."""
+    from tests.harness.images import seed_image
+    from tests.test_faults import CutAfter, blob_get, request
+
+    image = seed_image(
+        registry, "library/cut", "1", platforms=("linux/amd64",), layer_sizes=(1024 * 1024,)
+    )
+    digest = image.child("linux/amd64").layers[0]
+    data = image.blobs[digest]
+    upstream = front(registry)
+    upstream.add_fault(blob_get(digest, ranged=False), CutAfter(200_000))
+    upstream.add_fault(blob_get(digest, ranged=True), CutAfter(0), times=100)
+    proxy = proxy_factory(upstream.url, extra_args=write_config(tmp_path, BASE_CONFIG))
+    url = f"{proxy.url}/v2/library/cut/blobs/{digest}"
+
+    cut = await request(url)
+    assert cut.cut and len(cut.body) < len(data), cut
+
+    async def counted() -> tuple[int, int]:
+        """(console bytes of library/cut, regproxy_cache_served_bytes_total)"""
+        summary = await api(proxy, "summary")
+        by_bytes = {r["repository"]: r["bytes"] for r in summary["top_repositories"]["by_bytes"]}
+        served = total(await metrics(proxy), "regproxy_cache_served_bytes_total")
+        return by_bytes.get("docker.io/library/cut", 0), served
+
+    # the access logger counts, once the handler returned
+    await wait_for(lambda: asyncio.sleep(0, "cache=ABORTED" in proxy.logs()), within=5)
+    assert await counted() == (0, 0)
+
+    # the same counters do count a whole one (so the zero above is not a counter that is off)
+    upstream.clear_faults()
+    whole = await request(url)
+    assert (whole.status, whole.error, whole.body) == (200, None, data)
+
+    async def whole_counted() -> bool:
+        return await counted() == (len(data), len(data))
+
+    await wait_for(whole_counted, within=5)

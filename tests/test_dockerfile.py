@@ -95,7 +95,8 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_build_context_holds_only_what_the_wheel_needs() -> None:
-    """.dockerignore is an allowlist: pyproject.toml, its readme and its packages, no more."""
+    """.dockerignore is an allowlist: pyproject.toml, its readme and its packages, and the
+    tested versions of its dependencies (constraints.txt), no more."""
     lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     patterns = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
     assert patterns[0] == "*"
@@ -106,7 +107,7 @@ def test_build_context_holds_only_what_the_wheel_needs() -> None:
     top_level = {
         p.split(".")[0] for p in project["tool"]["setuptools"]["packages"]["find"]["include"]
     }
-    needed = {"pyproject.toml", project["project"]["readme"], *top_level}
+    needed = {"pyproject.toml", "constraints.txt", project["project"]["readme"], *top_level}
     assert allowed == needed
 
 
@@ -133,6 +134,7 @@ def test_dependencies_install_from_wheels_on_every_image_platform(
         [
             sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
             *platforms, "--python-version", "3.11", "--implementation", "cp",
+            "--constraint", str(REPO_ROOT / "constraints.txt"),  # the versions it installs
             "--dest", str(tmp_path), *dependencies,
         ],
         check=False,

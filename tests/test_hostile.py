@@ -957,6 +957,50 @@ async def test_vanishing_clients_are_not_logged_as_server_errors(
     assert " status=500 " not in logs
 
 
+@pytest.mark.served_loop
+async def test_sendfile_sends_every_byte_to_a_slow_reader(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """sendfile_to_transport on the server's loop: the headers the transport holds go first,
+    then the file from an offset, waiting for writability when the socket is full (uvloop
+    refuses add_writer on a fd its transport owns: the wait is on a duplicate)."""
+    loop = asyncio.get_running_loop()
+    if "[uvloop]" in request.node.name:
+        assert type(loop).__module__.startswith("uvloop"), type(loop)
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    theirs.setblocking(False)
+    transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
+    data = os.urandom(4 * MiB)
+    blob_path = tmp_path / "blob"
+    blob_path.write_bytes(data)
+    fd = os.open(blob_path, os.O_RDONLY)
+    received = bytearray()
+
+    async def read_slowly() -> None:
+        while len(received) < 5 + len(data) - 1000:
+            chunk = await loop.sock_recv(theirs, 64 * 1024)
+            if not chunk:
+                return
+            received.extend(chunk)
+            await asyncio.sleep(0.001)
+
+    try:
+        transport.write(b"HEAD:")  # type: ignore[attr-defined]
+        reader = asyncio.create_task(read_slowly())
+        sent = await asyncio.wait_for(
+            sendfile_to_transport(transport, fd, 1000, len(data) - 1000), 30
+        )
+        await asyncio.wait_for(reader, 30)
+    finally:
+        os.close(fd)
+        transport.close()
+        theirs.close()
+    assert sent == len(data) - 1000
+    assert bytes(received) == b"HEAD:" + data[1000:]
+
+
+@pytest.mark.served_loop
 async def test_sendfile_to_a_client_that_left_says_the_client_left(tmp_path: Path) -> None:
     """EPIPE from sendfile (the client closed before the bytes went out) is the same
     ConnectionResetError as a reset: what the blob answer takes for "client gone" rather than

@@ -18,6 +18,7 @@ from yarl import URL
 
 from tests.harness.front import (
     CutAfter,
+    Drip,
     FlipByte,
     Front,
     Status,
@@ -270,18 +271,21 @@ async def test_client_disconnect_does_not_cancel_cache_fill(
     )
     digest = image.child("linux/amd64").layers[0]
     upstream = front(registry)
+    upstream.add_fault(blob(digest, "GET"), Drip(8 * 1024 * 1024))  # half a second
     proxy = proxy_factory(upstream.url)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{proxy.url}/v2/library/slow/blobs/{digest}") as resp,
-    ):
+    algorithm, _, hexpart = digest.partition(":")
+    stored = proxy.storage / "blobs" / algorithm / hexpart[:2] / hexpart
+    url = f"{proxy.url}/v2/library/slow/blobs/{digest}"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
         await resp.content.read(1024)  # then leave
-    for _ in range(100):
-        status, headers, body = await fetch(f"{proxy.url}/v2/library/slow/blobs/{digest}")
-        if headers.get("X-Cache") == "HIT":
+        assert not stored.exists()  # while the download is under way
+    # no client asks for it meanwhile: the download goes on alone and fills the cache
+    for _ in range(200):
+        if stored.exists():
             break
-        await asyncio.sleep(0.1)
-    assert body == image.blobs[digest]
+        await asyncio.sleep(0.05)
+    status, headers, body = await fetch(url)
+    assert (status, headers["X-Cache"], body) == (200, "HIT", image.blobs[digest])
     assert upstream.count("GET", f"/blobs/{digest}") == 1
 
 

@@ -220,6 +220,11 @@ class ManifestService:
                     return stale
             raise to_registry_error(exc, not_found=ManifestUnknown) from exc
         cache = "HIT" if entry is not None and entry.digest == fresh.digest else "MISS"
+        if entry is None:
+            # A tag this fleet did not know (or that ``regproxy cache purge`` removed, with its
+            # manifest, from the store): the store says whether the manifest is there, not the
+            # copy this process may hold in memory.
+            self.store.forget(fresh.digest)
         answer = await self._answer(upstream, repository, fresh, head=head, cache=cache)
         if answer is not None:
             return answer

@@ -49,6 +49,7 @@ from aiohttp.web_response import StreamResponse
 
 from proxy.core.errors import Denied, NameInvalid, RegistryError, StorageError, Unauthorized
 from proxy.core.reference import parse_image
+from proxy.fetch.download import CACHE_RESULT, Cache
 from proxy.ops.settings import ConsoleConfig
 from proxy.registry import keys
 from proxy.registry.routes import route_for, split_path
@@ -129,7 +130,7 @@ class Console:
         """Called from the access logger once a response was sent: bytes per repository."""
         if request.method != "GET" or request.get("kind") is None:
             return
-        if not 200 <= response.status < 300 or request.get("cache") == "miss-aborted":
+        if not 200 <= response.status < 300 or request.get(CACHE_RESULT) is Cache.ABORTED:
             return
         try:
             name, _, _ = split_path(request.match_info["path"])
