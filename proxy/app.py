@@ -53,6 +53,7 @@ from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
 from storage.redis import RedisCoordinator, RedisMetadata
+from storage.redis import close as close_redis
 from storage.redis import connect as connect_redis
 
 __all__ = ["AccessLogger", "advertise_url", "create_app", "reload_policy"]
@@ -199,7 +200,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await app[BLOBS].close()
         await upstreams.close()
         if redis_client is not None:
-            await redis_client.aclose()
+            await close_redis(redis_client)
         await storage.close()
 
 

@@ -46,6 +46,7 @@ from proxy.ops.settings import ConsoleConfig, SyncConfig, parse_console, parse_s
 from proxy.platforms.rules import PlatformsConfig, load_platforms
 from proxy.trust.settings import TrustSettings
 from proxy.trust.settings import parse as parse_policy
+from storage.redis import parse_redis_url
 from storage.settings import CacheSettings, S3Settings, WorkSettings
 
 __all__ = ["Config", "ConfigError", "build_config", "load_config"]
@@ -292,10 +293,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     redis = section_of(raw.get("redis"), "redis")
     check_keys(redis, frozenset({"url"}), "redis.")
     if redis.get("url"):
-        url = str(redis["url"])
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
-        kwargs["redis_url"] = url
+        kwargs["redis_url"] = field_of(redis, "url", parse_redis_url, "redis.")
     kwargs["cache"] = _build_cache(section_of(raw.get("cache"), "cache"))
     upstreams, default = parse_upstreams(raw, tag_ttl)
     kwargs["upstreams"] = upstreams

@@ -6,6 +6,13 @@ them through to the store too (a directory or a bucket); reads prefer Redis.
 publishes the owner's ``--advertise-url``, so another replica can stream the download from it
 instead of fetching upstream again; the fleet's shared secret for peer requests lives here too.
 
+Redis can fail over: ``redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``
+names Redis Sentinels instead of a server (:func:`connect`); the client asks them for the primary
+of ``SERVICE`` and asks again when it goes away or turns into a replica. Redis Cluster is not
+supported: releasing a blob's lock deletes the lock and the in-flight record in one ``DEL``
+(two keys, two hash slots), and the metadata is small enough for one primary; Sentinel is how
+this Redis survives losing a node.
+
 Redis is a help, never a dependency of a pull: every call that fails (refused, timeout, any
 ``redis.RedisError``) is logged (at most every 30 s) and the caller falls back to the filesystem
 records and per-process single flight. Keys are built by :func:`key` only; the layout is drawn in
@@ -20,10 +27,13 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Container
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from storage.base import TagEntry
@@ -71,6 +81,8 @@ class _Guard:
             if now - self._warned_at > 30:
                 self._warned_at = now
                 log.warning("redis unavailable, continuing per replica error=%s", exc)
+            else:
+                log.debug("redis unavailable error=%s", exc)
             return fallback
 
 
@@ -79,10 +91,105 @@ def _glob(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def connect(url: str) -> aioredis.Redis:
-    return aioredis.from_url(
-        url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=10
+SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_PORT = 26379
+_TIMEOUTS: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """A parsed ``redis+sentinel://`` URL."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    #: ``?sentinel_password=``: the sentinels' own password, when they have one.
+    sentinel_password: str | None = field(default=None, repr=False)
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """``redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]``.
+
+    Raises ValueError saying what is wrong (never echoing the password).
+    """
+    if not url.startswith(SENTINEL_SCHEME):
+        raise ValueError(f"must start with {SENTINEL_SCHEME}")
+    rest, _, query = url[len(SENTINEL_SCHEME) :].partition("?")
+    netloc, _, path = rest.partition("/")
+    creds, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = creds.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if item.startswith("["):
+            host, _, port = item[1:].partition("]")
+            port = port.removeprefix(":")
+        else:
+            host, _, port = item.partition(":")
+        if not host or (port and not port.isdigit()) or not 0 < int(port or SENTINEL_PORT) < 65536:
+            raise ValueError(f"sentinel {item!r} is not HOST:PORT")
+        sentinels.append((host, int(port or SENTINEL_PORT)))
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2:
+        raise ValueError("needs the service name after the sentinels: /SERVICE or /SERVICE/DB")
+    if len(parts) == 2 and not parts[1].isdigit():
+        raise ValueError(f"database {parts[1]!r} is not a number")
+    params = parse_qs(query)
+    unknown = set(params) - {"sentinel_password"}
+    if unknown:
+        raise ValueError(f"unknown parameter {sorted(unknown)[0]!r} (known: sentinel_password)")
+    return SentinelTarget(
+        tuple(sentinels),
+        unquote(parts[0]),
+        int(parts[1]) if len(parts) == 2 else 0,
+        username,
+        password,
+        params["sentinel_password"][0] if "sentinel_password" in params else None,
     )
+
+
+def parse_redis_url(value: object) -> str:
+    """A Redis URL regproxy can connect to (the ``redis.url`` setting); ValueError if not."""
+    url = str(value).strip()
+    if not url.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME)):
+        raise ValueError(f"must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}")
+    if url.startswith(SENTINEL_SCHEME):
+        parse_sentinel_url(url)
+    return url
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client of ``redis://``, ``rediss://``, ``unix://`` or the primary that Sentinels name
+    (``redis+sentinel://``); see the module docstring."""
+    if url.startswith(SENTINEL_SCHEME):
+        target = parse_sentinel_url(url)
+        sentinel_kwargs = dict(_TIMEOUTS)
+        if target.sentinel_password is not None:
+            sentinel_kwargs["password"] = target.sentinel_password
+        manager = Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs, **_TIMEOUTS)
+        return manager.master_for(
+            target.service,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            health_check_interval=10,
+        )
+    return aioredis.from_url(url, health_check_interval=10, **_TIMEOUTS)
+
+
+async def close(client: aioredis.Redis) -> None:
+    """Close ``client`` and, for a Sentinel-managed one, its connections to the sentinels."""
+    await client.aclose()
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
 
 
 class RedisMetadata:
