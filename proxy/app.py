@@ -72,6 +72,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(config.auth, Router(config.upstreams, config.default_upstream))
+    app[AUTH].throttle.on_throttled = app[METRICS].logins_throttled.inc
     app.cleanup_ctx.append(_resources)
     app[OBSERVERS] = []
     add_routes(app)
@@ -140,6 +141,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[BLOBS].coordinator = coordinator
         app[BLOBS].fetcher.peer_token = await coordinator.peer_token()
         cache.coordinator = coordinator
+        app[AUTH].throttle.redis = redis_client
     app[MANIFESTS] = ManifestService(storage, meta, offline=config.offline)
     app[LINKS] = Links(meta, offline=config.offline)
     app[REFERRERS] = ReferrersService(app[MANIFESTS], meta, offline=config.offline)

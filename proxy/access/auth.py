@@ -12,6 +12,7 @@ Off unless configured::
       admins: [alice]                      # may open the console (/_regproxy/); default none
       token:                               # the Bearer token service (proxy.access.tokens)
         signing_key_file: /run/secrets/regproxy-token-key   # same on every replica
+      login_limit: {failures: 10, window: 1m}   # then 429 (proxy.access.throttle)
 
 Without ``rules``, logged-in users may pull everything and anonymous clients nothing (when an
 htpasswd file is set) or everything (when not). A request is checked before anything is looked
@@ -48,6 +49,7 @@ from aiohttp import web
 from cachetools import TTLCache
 
 from proxy.access.routing import Router
+from proxy.access.throttle import LoginLimit, LoginThrottle, load_login_limit
 from proxy.access.tokens import Grant, TokenConfig, TokenSigner, load_token_config, requested_scopes
 from proxy.core.errors import Denied, ManifestInvalid, RegistryError, Unauthorized
 from proxy.core.reference import check_name
@@ -77,6 +79,8 @@ class AuthConfig:
     #: Users who may open the operator's console (``proxy.ops.console``); defaults to none.
     admins: tuple[str, ...] = ()
     token: TokenConfig = field(default_factory=TokenConfig)
+    #: Failed logins per client address before it is answered 429 (``proxy.access.throttle``).
+    login_limit: LoginLimit = field(default_factory=LoginLimit)
 
     @property
     def enabled(self) -> bool:
@@ -84,7 +88,7 @@ class AuthConfig:
 
 
 def load_auth(section: Mapping[str, Any]) -> AuthConfig:
-    unknown = set(section) - {"htpasswd", "rules", "admins", "token"}
+    unknown = set(section) - {"htpasswd", "rules", "admins", "token", "login_limit"}
     if unknown:
         raise ConfigError(f"auth.{sorted(unknown)[0]}", "unknown setting")
     htpasswd = Path(str(section["htpasswd"])) if section.get("htpasswd") else None
@@ -113,7 +117,11 @@ def load_auth(section: Mapping[str, Any]) -> AuthConfig:
     if not isinstance(admins, list):
         raise ConfigError("auth.admins", "must list user names")
     return AuthConfig(
-        htpasswd, tuple(rules), tuple(map(str, admins)), load_token_config(section.get("token"))
+        htpasswd,
+        tuple(rules),
+        tuple(map(str, admins)),
+        load_token_config(section.get("token")),
+        load_login_limit(section.get("login_limit")),
     )
 
 
@@ -163,6 +171,7 @@ class Authenticator:
         # password is kept in memory in the clear).
         self._verified: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=300)
         self.tokens = TokenSigner(config.token) if config.enabled else None
+        self.throttle = LoginThrottle(config.login_limit)
 
     @property
     def enabled(self) -> bool:
@@ -174,26 +183,31 @@ class Authenticator:
         assert self.tokens is not None
         return self.tokens.challenge(request, scope=scope, error=error)
 
-    async def _password_ok(self, user: str, password: str) -> bool:
+    async def _password_ok(self, user: str, password: str, client: str | None = None) -> bool:
+        """Whether ``password`` is ``user``'s; raises TOOMANYREQUESTS when ``client`` (its
+        address) failed too often lately, unless these credentials are known good."""
         hashed = self.users.get(user)
         if hashed is None:
             return False
         fingerprint = hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
         if self._verified.get(fingerprint) == user:
             return True
+        await self.throttle.check(client)
         ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
         if not ok:
-            log.warning("failed login user=%s", user)
+            log.warning("failed login user=%s client=%s", user, client)
+            await self.throttle.failed(client)
             return False
         self._verified[fingerprint] = user
         return True
 
-    async def user(self, authorization: str | None) -> str | None:
-        """The user of Basic credentials, or None (anonymous, or credentials we do not know)."""
+    async def user(self, authorization: str | None, client: str | None = None) -> str | None:
+        """The user of Basic credentials, or None (anonymous, or credentials we do not know);
+        ``client`` is the request's address (login throttling)."""
         creds = _basic_credentials(authorization)
         if creds is None or not self.users:
             return None
-        return creds[0] if await self._password_ok(*creds) else None
+        return creds[0] if await self._password_ok(*creds, client) else None
 
     def is_admin(self, user: str | None) -> bool:
         """May ``user`` (already authenticated) open the operator's console?"""
@@ -254,10 +268,10 @@ class Authenticator:
         curl answer it; registry clients get the Bearer one (``check_base``, ``check``)."""
         return {"WWW-Authenticate": f'Basic realm="{REALM}"'}
 
-    async def check_login(self, authorization: str | None) -> None:
+    async def check_login(self, authorization: str | None, client: str | None = None) -> None:
         """A page for people (``/_regproxy/sync``): with an htpasswd file, only valid Basic
         credentials pass; else the Basic challenge."""
-        if self.users and await self.user(authorization) is None:
+        if self.users and await self.user(authorization, client) is None:
             raise Unauthorized(headers=self.challenge())
 
     async def check_base(self, request: web.Request) -> None:
@@ -271,7 +285,7 @@ class Authenticator:
             if self._grant(value.strip()) is not None:
                 return
             raise Unauthorized(headers=self._challenge(request, error="invalid_token"))
-        if await self.user(authorization) is None:
+        if await self.user(authorization, request.remote) is None:
             raise Unauthorized(headers=self._challenge(request))
 
     async def check(
@@ -301,7 +315,7 @@ class Authenticator:
                     headers=self._challenge(request, scope=scope, error="insufficient_scope")
                 )
             return grant.user
-        user = await self.user(authorization)
+        user = await self.user(authorization, request.remote)
         if self.allowed(user, upstream, repository):
             return user
         if user is None:
@@ -333,12 +347,14 @@ class Authenticator:
         if creds is not None and creds[0]:
             name, password = creds
             if name in self.users:
-                if not await self._password_ok(name, password):
+                if not await self._password_ok(name, password, request.remote):
                     raise Unauthorized({"reason": "invalid username or password"})
                 user = name
             elif not scopes:
                 # No scope: a login check (docker/podman login) by a user we do not know.
-                log.warning("failed login user=%s", name)
+                await self.throttle.check(request.remote)
+                log.warning("failed login user=%s client=%s", name, request.remote)
+                await self.throttle.failed(request.remote)
                 raise Unauthorized({"reason": "invalid username or password"})
             # else: an unknown user asking for scopes is the Docker Hub login dockerd sends to
             # every mirror; it is served as anonymous.

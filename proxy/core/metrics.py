@@ -28,6 +28,7 @@ regproxy_trust_verifications_total{result}  signature checks of a digest (trust 
                                            verified|failed (recorded verdicts are not counted)
 regproxy_trust_refusals_total{rule,entry}  manifest requests refused by the trust policy:
                                            deny|allow_tags|require_signature, entry 1, 2, ...
+regproxy_logins_throttled_total            logins answered 429: too many failures from the address
 =========================================  ==========================================
 """
 
@@ -160,6 +161,11 @@ class Metrics:
             "regproxy_trust_refusals",
             "Manifest requests refused by the trust policy",
             ["rule", "entry"],
+            registry=r,
+        )
+        self.logins_throttled = Counter(
+            "regproxy_logins_throttled",
+            "Logins answered 429 after too many failed logins from the client's address",
             registry=r,
         )
         for result in ("success", "error", "ratelimited", "skipped"):

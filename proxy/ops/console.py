@@ -480,7 +480,7 @@ async def require_admin(request: web.Request) -> str | None:
     auth = request.app[keys.AUTH]
     if not auth.enabled:
         return None
-    user = await auth.user(request.headers.get("Authorization"))
+    user = await auth.user(request.headers.get("Authorization"), request.remote)
     if user is None:
         raise Unauthorized(headers=auth.challenge())
     if not auth.is_admin(user):

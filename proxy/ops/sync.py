@@ -593,5 +593,5 @@ async def handle_sync_status(request: web.Request) -> web.Response:
     request["route"] = "sync"
     service = request.app[SYNC]
     if service.auth is not None:
-        await service.auth.check_login(request.headers.get("Authorization"))
+        await service.auth.check_login(request.headers.get("Authorization"), request.remote)
     return web.json_response(await service.status())
