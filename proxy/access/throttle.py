@@ -35,8 +35,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.core.settings import ConfigError, parse_duration
 from proxy.core.errors import TooManyRequests
+from proxy.core.settings import ConfigError, parse_duration
 from storage.redis import key as redis_key
 
 log = logging.getLogger(__name__)
