@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from redis.asyncio import Redis
 
 from proxy.access.auth import Authenticator
 from proxy.access.routing import Router
@@ -52,6 +53,7 @@ from proxy.trust.settings import TrustSettings
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
+from storage.identity import StoreClaim, StoreMismatch, store_identity
 from storage.redis import RedisCoordinator, RedisMetadata
 from storage.redis import close as close_redis
 from storage.redis import connect as connect_redis
@@ -133,9 +135,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     metrics.inflight.set_function(lambda: len(app[BLOBS].downloads))
     meta: MetadataStore = storage
-    redis_client = None
+    redis_client = claim = None
     if config.redis_url:
         redis_client = connect_redis(config.redis_url)
+        claim = await _claim_store(redis_client, storage, upstreams)
         meta = RedisMetadata(redis_client, storage)
         coordinator = RedisCoordinator(redis_client, storage.instance)
         app[BLOBS].coordinator = coordinator
@@ -201,9 +204,27 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await cache.stop()
         await app[BLOBS].close()
         await upstreams.close()
+        if claim is not None:
+            await claim.stop()
         if redis_client is not None:
             await close_redis(redis_client)
         await storage.close()
+
+
+async def _claim_store(client: Redis, storage: ContentStore, upstreams: Upstreams) -> StoreClaim:
+    """Record the store in Redis; refuse to start if its replicas use another one
+    (``storage.identity``)."""
+    ident, described = await store_identity(storage)
+    claim = StoreClaim(client, ident, described, storage.instance)
+    try:
+        await claim.check()
+    except StoreMismatch:
+        await close_redis(client)
+        await upstreams.close()
+        await storage.close()
+        raise
+    claim.start()
+    return claim
 
 
 async def _save_usage_now(usage: UsageStats, upstreams: Upstreams, store: ContentStore) -> None:
