@@ -34,6 +34,7 @@ from proxy.registry.keys import (
     AUTH,
     BLOBS,
     CACHE,
+    DRAINING,
     LINKS,
     MANIFESTS,
     METRICS,
@@ -77,6 +78,7 @@ def create_app(config: Config) -> web.Application:
     app[AUTH].throttle.on_throttled = app[METRICS].logins_throttled.inc
     app.cleanup_ctx.append(_resources)
     app[OBSERVERS] = []
+    app[DRAINING] = asyncio.Event()
     add_routes(app)
     # /_regproxy/ and /_regproxy/api/...: proxy.ops.console
     setup_console(app, config.console, config.cache, redis=config.redis_url is not None)

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="close connections whose request head takes longer (default 30s)",
     )
     serve.add_argument(
+        "--drain-delay",
+        metavar="DURATION",
+        help="on SIGTERM, /readyz answers 503 while serving this long before closing (default 0)",
+    )
+    serve.add_argument(
         "--upstream-username", metavar="USER", help="username for the default upstream"
     )
     serve.add_argument(
@@ -203,6 +208,7 @@ FLAG_PATHS = {
     "tag_ttl": "tag_ttl",
     "log_level": "log_level",
     "head_timeout": "head_timeout",
+    "drain_delay": "drain_delay",
     "upstream_username": "upstream_username",
     "upstream_password_file": "upstream_password_file",
     "max_size": "cache.max_size",
@@ -283,6 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log_class=AccessLogger,
             head_timeout=config.head_timeout,
             on_reload=reload,
+            drain_delay=config.drain_delay,
         )
     )
     return 0

@@ -32,6 +32,7 @@ from proxy.core.settings import (
     ConfigError,
     check_keys,
     field_of,
+    parse_advertise_url,
     parse_bool,
     parse_duration,
     parse_listen,
@@ -80,6 +81,9 @@ class Config:
     #: Seconds a client has to send a request's head before its connection is closed
     #: (slowloris); defaults to 30.
     head_timeout: float = 30.0
+    #: Seconds between SIGTERM and closing the listener, /readyz answering 503 meanwhile
+    #: (load balancers stop sending first); defaults to 0.
+    drain_delay: float = 0.0
     #: Upstreams by name; defaults to Docker Hub as ``docker.io``.
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     #: The upstream for requests that name none; defaults to ``docker.io``.
@@ -139,6 +143,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tag_ttl", "--tag-ttl"),
     Setting("log_level", "--log-level"),
     Setting("head_timeout", "--head-timeout"),
+    Setting("drain_delay", "--drain-delay"),
     Setting("upstream_username", "--upstream-username"),
     Setting("upstream_password_file", "--upstream-password-file"),
     Setting("upstream_password"),  # environment or file only: never a flag
@@ -272,7 +277,7 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         work["max_size"] = field_of(raw, "work_max_size", parse_size)
     kwargs["work"] = WorkSettings(**work)
     if raw.get("advertise_url"):
-        kwargs["advertise_url"] = field_of(raw, "advertise_url", parse_url).rstrip("/")
+        kwargs["advertise_url"] = field_of(raw, "advertise_url", parse_advertise_url)
     tag_ttl = field_of(raw, "tag_ttl", parse_duration) if "tag_ttl" in raw else 300.0
     kwargs["tag_ttl"] = tag_ttl
     if "log_level" in raw:
@@ -281,6 +286,8 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         kwargs["head_timeout"] = field_of(raw, "head_timeout", parse_duration)
         if kwargs["head_timeout"] <= 0:
             raise ConfigError("head_timeout", "must be positive")
+    if "drain_delay" in raw:
+        kwargs["drain_delay"] = field_of(raw, "drain_delay", parse_duration)
     if "offline" in raw:
         kwargs["offline"] = field_of(raw, "offline", parse_bool)
     for key in ("tls_cert", "tls_key"):

@@ -11,6 +11,7 @@ forwards everything else to it unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
+
+from proxy.registry.keys import DRAINING
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +175,12 @@ async def serve(
     access_log_class: type[AbstractAccessLogger],
     head_timeout: float,
     on_reload: Callable[[], None] | None = None,
+    drain_delay: float = 0.0,
 ) -> None:
-    """Run ``app`` until SIGTERM or SIGINT, then shut down gracefully; SIGHUP calls
-    ``on_reload`` (which logs its own failures)."""
+    """Run ``app`` until SIGTERM or SIGINT, then shut down gracefully: /readyz answers 503
+    at once, requests are still served for ``drain_delay`` seconds (load balancers take the
+    replica out meanwhile; a second signal ends the wait), then the listener closes. SIGHUP
+    calls ``on_reload`` (which logs its own failures)."""
     runner = web.AppRunner(
         app,
         access_log_class=access_log_class,
@@ -201,5 +207,11 @@ async def serve(
         await site.start()
         log.info("listening on %s", site.name)
         await stop.wait()
+        stop.clear()
+        app[DRAINING].set()
+        if drain_delay > 0:
+            log.info("draining: /readyz answers 503, serving %gs more", drain_delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), drain_delay)
     finally:
         await runner.cleanup()

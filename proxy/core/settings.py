@@ -94,12 +94,29 @@ def parse_url(value: object) -> str:
     return text
 
 
+_BARE_IPV6_URL = re.compile(r"(https?://)([0-9A-Fa-f.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f.]*):(\d+)(/.*)?")
+
+
+def parse_advertise_url(value: object) -> str:
+    """An http(s) URL; a bare IPv6 address before the port (``http://fd00::5:5000``, what
+    ``http://$(POD_IP):5000`` becomes on an IPv6 pod) is read as ``http://[fd00::5]:5000``."""
+    text = str(value).strip().rstrip("/")
+    match = re.fullmatch(
+        r"(https?://)([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f.]*):(\d+)(/.*)?", text
+    )
+    if match:
+        scheme, host, port, path = match.groups()
+        text = f"{scheme}[{host}]:{port}{path or ''}"
+    return parse_url(text)
+
+
 def parse_listen(value: object) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port); ``:PORT`` is every address, IPv4 and IPv6 (host "")."""
     text = str(value).strip()
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]"), int(port)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

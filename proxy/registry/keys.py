@@ -7,6 +7,7 @@ them. Imports the service types only.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
@@ -39,4 +40,6 @@ CACHE = web.AppKey("cache", CacheManager)
 REFERRERS = web.AppKey("referrers", ReferrersService)
 TRUST = web.AppKey("trust", TrustService)
 #: Called with each finished request and its response (the console's per-repository figures).
+#: Set on SIGTERM (``proxy.server``): /readyz answers 503 while the replica drains.
+DRAINING = web.AppKey("draining", asyncio.Event)
 OBSERVERS = web.AppKey("observers", list[Callable[[web.Request, StreamResponse], None]])

@@ -48,6 +48,7 @@ from proxy.registry.keys import (
     AUTH,
     BLOBS,
     CACHE,
+    DRAINING,
     LINKS,
     MANIFESTS,
     METRICS,
@@ -294,9 +295,12 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """Ready when the store takes writes, is reachable and is not full."""
+    """Ready when the store takes writes, is reachable and is not full, and the process is
+    not shutting down."""
     request["route"] = "readyz"
     problems = await request.app[STORAGE].check_ready()
+    if request.app[DRAINING].is_set():
+        problems.insert(0, "draining: shutting down")
     cache = request.app[CACHE]
     if cache.full:
         problems.append(f"cache full: {cache.used} of {cache.limit} bytes in use")
