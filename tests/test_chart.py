@@ -273,7 +273,9 @@ def test_validation_would_catch_a_bad_object() -> None:
 # --------------------------------------------------------------------------- the config
 
 
-def load_rendered_config(rendered: Rendered, tmp: Path) -> Config:
+def load_rendered_config(
+    rendered: Rendered, tmp: Path, pod_fields: dict[str, str] | None = None
+) -> Config:
     """Load config.yml as the container would: its env, its mounted Secret files.
 
     Every ``password_file`` must lie in a Secret volume the container mounts, under the item
@@ -320,7 +322,7 @@ def load_rendered_config(rendered: Rendered, tmp: Path) -> Config:
         local.write_text(content)
         section[field] = str(local)
 
-    env = container_env(container)
+    env = container_env(container, pod_fields or POD_FIELDS)
     config_file = tmp / "config.yml"
     config_file.write_text(yaml.safe_dump(raw))
     return load_config(config_file=config_file, environ=env)
@@ -330,7 +332,9 @@ def load_rendered_config(rendered: Rendered, tmp: Path) -> Config:
 POD_FIELDS = {"status.podIP": "10.244.1.17"}
 
 
-def container_env(container: dict[str, Any]) -> dict[str, str]:
+def container_env(
+    container: dict[str, Any], pod_fields: dict[str, str] = POD_FIELDS
+) -> dict[str, str]:
     """The container's environment as the kubelet builds it, with stand-ins for Secrets.
 
     ``$(VAR)`` references to variables defined earlier are expanded, as Kubernetes does.
@@ -346,7 +350,7 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
         elif var["name"] == "REGPROXY_REDIS_URL":
             value = "redis://:from-secret@redis:6379/0"
         elif "fieldRef" in var["valueFrom"]:
-            value = POD_FIELDS[var["valueFrom"]["fieldRef"]["fieldPath"]]
+            value = pod_fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
             ref = var["valueFrom"]["secretKeyRef"]
             value = f"from-{ref['name']}/{ref['key']}"
@@ -375,7 +379,13 @@ def test_rendered_config_loads_with_regproxy_loader(
         assert config.s3 is None
         assert config.storage == Path(mounts["cache"])
     (port,) = rendered.container["ports"]
-    assert config.listen_address == ("0.0.0.0", port["containerPort"])
+    # every address, IPv4 and IPv6: a pod IP may be either
+    assert config.listen_address == ("", port["containerPort"])
+    # on SIGTERM: unready for at least as long as the readiness probe needs to notice
+    probe = rendered.container["readinessProbe"]
+    assert config.drain_delay >= probe["periodSeconds"] * probe["failureThreshold"]
+    pod = rendered.get("Deployment")["spec"]["template"]["spec"]
+    assert config.drain_delay < pod["terminationGracePeriodSeconds"]
     assert rendered.get("Service")["spec"]["ports"][0]["targetPort"] == port["name"]
 
     expected_upstreams = {"docker.io", *(spec.get("upstreams") or {})}
@@ -516,6 +526,36 @@ def test_replicated_release_shares_volume_and_redis(helm: Path, tmp_path: Path) 
     ingress = rendered.get("Ingress")
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == rendered.get("Service")["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("pod_ip", "advertised"),
+    [
+        ("10.244.1.17", "http://10.244.1.17:5000"),
+        ("fd00:10:244::17", "http://[fd00:10:244::17]:5000"),
+    ],
+    ids=["ipv4-pod", "ipv6-pod"],
+)
+def test_replicas_advertise_their_pod_ip_on_ipv4_and_ipv6(
+    helm: Path, tmp_path: Path, pod_ip: str, advertised: str
+) -> None:
+    """Peers stream downloads from each other at the advertise URL: on a shared volume too,
+    and bracketed on an IPv6 pod (the kubelet expands ``$(POD_IP)`` unbracketed)."""
+    rendered = render(helm, tmp_path, CHART / "ci" / "replicated-values.yaml")
+    config = load_rendered_config(rendered, tmp_path, {"status.podIP": pod_ip})
+    assert config.advertise_url == advertised
+    assert config.listen_address == ("", 5000)  # IPv6 peers and IPv4 probes alike
+
+
+def test_pdb_keeps_replicas_serving_and_lets_a_single_pod_move(helm: Path, tmp_path: Path) -> None:
+    single = render(helm, tmp_path).get("PodDisruptionBudget")["spec"]
+    assert single["maxUnavailable"] == 1  # one pod: a node drain recreates it elsewhere
+    rendered = render(helm, tmp_path, CHART / "ci" / "s3-values.yaml")
+    pdb = rendered.get("PodDisruptionBudget")["spec"]
+    assert pdb["selector"] == rendered.get("Deployment")["spec"]["selector"]
+    assert pdb.get("maxUnavailable") == 1 or 0 < pdb["minAvailable"] < 3
+    disabled = render(helm, tmp_path, overrides={"podDisruptionBudget": {"enabled": False}})
+    assert "PodDisruptionBudget" not in disabled.kinds()
 
 
 def test_s3_release_has_replicas_and_no_shared_volume(helm: Path, tmp_path: Path) -> None:
@@ -678,6 +718,21 @@ def test_config_change_rolls_the_pods(helm: Path, tmp_path: Path) -> None:
             {"defaultUpstream": "quay.io"},
             'defaultUpstream "quay.io" is not one of upstreams',
             id="unknown-default-upstream",
+        ),
+        pytest.param(
+            {"drainDelaySeconds": 30, "terminationGracePeriodSeconds": 30},
+            "drainDelaySeconds (30) must be less than terminationGracePeriodSeconds (30)",
+            id="drain-longer-than-grace",
+        ),
+        pytest.param(
+            {
+                "replicaCount": 2,
+                "redis": {"url": "redis://redis:6379/0"},
+                "persistence": {"accessModes": ["ReadWriteMany"]},
+                "podDisruptionBudget": {"minAvailable": 2},
+            },
+            "podDisruptionBudget.minAvailable is 2 with replicaCount 2: no pod could ever be",
+            id="pdb-blocks-every-eviction",
         ),
     ],
 )

@@ -70,6 +70,13 @@ workload template, so `helm template` and `helm install` fail before anything is
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if ge (int $v.drainDelaySeconds) (int $v.terminationGracePeriodSeconds) }}
+{{- fail (printf "drainDelaySeconds (%d) must be less than terminationGracePeriodSeconds (%d): the pod would be killed while it drains, before finishing its downloads" (int $v.drainDelaySeconds) (int $v.terminationGracePeriodSeconds)) }}
+{{- end }}
+{{- $pdb := $v.podDisruptionBudget }}
+{{- if and $pdb.enabled (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "string" $pdb.minAvailable)) (gt (int $v.replicaCount) 0) (ge (int $pdb.minAvailable) (int $v.replicaCount)) }}
+{{- fail (printf "podDisruptionBudget.minAvailable is %d with replicaCount %d: no pod could ever be evicted, so node drains would hang; use at most replicaCount - 1 (or maxUnavailable)" (int $pdb.minAvailable) (int $v.replicaCount)) }}
+{{- end }}
 {{- if not $v.upstreams }}
 {{- fail "upstreams is empty: configure at least one registry to pull from" }}
 {{- end }}
@@ -165,7 +172,8 @@ cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence
 {{- with $v.cache.pin }}{{ $_ := set $cache "pin" . }}{{ end }}
 {{- with $v.cache.blobTTL }}{{ $_ := set $cache "blob_ttl" . }}{{ end }}
 {{- $cfg := dict
-  "listen" (printf "0.0.0.0:%d" (int $v.containerPort))
+  "listen" (printf ":%d" (int $v.containerPort))
+  "drain_delay" (int $v.drainDelaySeconds)
   "storage" (include "regproxy.cacheDir" .)
   "tag_ttl" $v.tagTTL
   "log_level" $v.logLevel
