@@ -11,7 +11,8 @@ Modules::
     storage.tempdir      each process's own flock'ed temp directory, and cleaning dead ones
     storage.eviction     size accounting and LRU eviction over any driver
     storage.maintenance  stats, purge, gc, verify over any driver
-    storage.redis        shared metadata and cross-replica single flight
+    storage.redis        shared metadata and cross-replica single flight; Sentinel URLs
+    storage.identity     which store a replica uses, checked against its Redis's other replicas
 
 Keys (the same on both drivers: under the directory, or under ``<prefix>/`` in the bucket)::
 
@@ -26,6 +27,8 @@ Keys (the same on both drivers: under the directory, or under ``<prefix>/`` in t
     │   ├── _sources/<digest>                   {"upstream","repository"} a child comes from
     │   └── _links/<digest>                     this repository is known to hold the digest
     ├── stats/<host>.json                       hit/miss/pull counts for ``regproxy cache stats``
+    ├── store-id                                (filesystem, with Redis) this store's random id,
+    │                                           made once (``storage.identity``)
     ├── quarantine/<kind>/<alg>-<hex>           (filesystem) what ``regproxy verify`` found corrupt
     └── tmp/<instance>/                         (filesystem) writes in progress of one process:
         ├── .lock                               flock'ed while it lives; the directory of a dead
@@ -55,6 +58,11 @@ With ``--redis`` (keys made by ``storage.redis.key`` only; every record is also 
     regproxy:peer-token                                 the secret replicas show each other
     regproxy:sync:lease:<upstream>:<repository>:<id>    the replica running a sync entry now
     regproxy:sync:status:<upstream>:<repository>:<id>   that entry's last result (proxy.ops.sync)
+    regproxy:store                                      {"id","store","instance"}: the store of
+                                                        the replicas on this Redis (60 s TTL,
+                                                        refreshed; ``storage.identity``)
+    regproxy:login-failures:<address>                   failed logins of a client address in
+                                                        its window (proxy.access.throttle)
 
 ``<upstream>`` is the configured upstream name (``docker.io``, ``ghcr.io``, ``corp``), so tags
 of different registries never collide; blobs and manifests are content-addressed and shared.
