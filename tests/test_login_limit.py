@@ -111,7 +111,8 @@ async def test_the_fleet_counts_failures_together_with_redis(
 ) -> None:
     config = write_config(tmp_path, failures=4, window="1m")
     args = ["--config", str(config), "--redis", redis_server.url]
-    a, b = (proxy_factory(registry.url, extra_args=args) for _ in range(2))
+    volume = tmp_path / "volume"
+    a, b = (proxy_factory(registry.url, storage=volume, extra_args=args) for _ in range(2))
     for proxy, password in ((a, "x1"), (b, "x2"), (a, "x3"), (b, "x4")):
         assert (await login(proxy, "alice", password))[0] == 401
     for proxy in (a, b):

@@ -298,10 +298,11 @@ async def test_replicas_share_referrers_answers_through_redis(
     signed: Signed, proxy_factory: ProxyFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """A referrers answer fetched by one replica is served by another without asking upstream
-    (the record lives in Redis; each replica has its own disk here)."""
+    (the record lives in Redis and in the store they share: replicas on one Redis must share
+    their store, ``storage.identity``)."""
     args = ["--redis", redis_server.url]
-    a = proxy_factory(signed.upstream.url, storage=tmp_path / "a", extra_args=args)
-    b = proxy_factory(signed.upstream.url, storage=tmp_path / "b", extra_args=args)
+    a = proxy_factory(signed.upstream.url, storage=tmp_path / "shared", extra_args=args)
+    b = proxy_factory(signed.upstream.url, storage=tmp_path / "shared", extra_args=args)
     digest = signed.image.digest
     status, _, first = await referrers(a, "library/signed", digest)
     assert status == 200 and len(first["manifests"]) == 2
