@@ -412,6 +412,8 @@ def test_rendered_config_loads_with_regproxy_loader(
         assert auth.htpasswd is not None and auth.htpasswd.read_text().startswith("alice:")
         assert auth.token.signing_key == b"k" * 64  # the same Secret on every replica
         assert auth.token.expires_in == 600
+        limit = auth_spec["loginLimit"]
+        assert (auth.login_limit.failures, auth.login_limit.window) == (limit["failures"], 120)
     assert [e.name for e in config.sync.entries] == [s["repository"] for s in spec.get("sync", [])]
     if spec.get("syncRatelimitFloor"):
         assert config.sync.floor(100) == parse_ratelimit_floor_percent(spec["syncRatelimitFloor"])

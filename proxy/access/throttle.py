@@ -70,12 +70,12 @@ def load_login_limit(section: object) -> LoginLimit:
     if unknown:
         raise ConfigError(f"auth.login_limit.{sorted(unknown)[0]}", "unknown setting")
     kwargs: dict[str, Any] = {}
-    if section.get("failures") is not None:
+    if section.get("failures") not in (None, ""):
         failures = section["failures"]
         if isinstance(failures, bool) or not str(failures).strip().isdigit():
             raise ConfigError("auth.login_limit.failures", f"{failures!r} is not a whole number")
         kwargs["failures"] = int(str(failures).strip())
-    if section.get("window") is not None:
+    if section.get("window") not in (None, ""):
         try:
             window = parse_duration(section["window"])
         except ValueError as exc:

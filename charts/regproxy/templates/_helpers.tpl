@@ -214,6 +214,9 @@ cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence
 {{- with $t.realm }}{{ $_ := set $token "realm" . }}{{ end }}
 {{- with $t.expiresIn }}{{ $_ := set $token "expires_in" . }}{{ end }}
 {{- if $token }}{{ $_ := set $auth "token" $token }}{{ end }}
+{{- with $a.loginLimit }}
+{{- $_ := set $auth "login_limit" (dict "failures" (int .failures) "window" .window) }}
+{{- end }}
 {{- $_ := set $cfg "auth" $auth }}
 {{- end }}
 {{- with $v.sync }}{{ $_ := set $cfg "sync" . }}{{ end }}
