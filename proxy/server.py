@@ -208,7 +208,9 @@ async def serve(
         log.info("listening on %s", site.name)
         await stop.wait()
         stop.clear()
-        app[DRAINING].set()
+        draining = app.get(DRAINING)
+        if draining is not None:
+            draining.set()
         if drain_delay > 0:
             log.info("draining: /readyz answers 503, serving %gs more", drain_delay)
             with contextlib.suppress(TimeoutError):

@@ -39,7 +39,7 @@ LINKS = web.AppKey("links", Links)
 CACHE = web.AppKey("cache", CacheManager)
 REFERRERS = web.AppKey("referrers", ReferrersService)
 TRUST = web.AppKey("trust", TrustService)
-#: Called with each finished request and its response (the console's per-repository figures).
 #: Set on SIGTERM (``proxy.server``): /readyz answers 503 while the replica drains.
 DRAINING = web.AppKey("draining", asyncio.Event)
+#: Called with each finished request and its response (the console's per-repository figures).
 OBSERVERS = web.AppKey("observers", list[Callable[[web.Request, StreamResponse], None]])
