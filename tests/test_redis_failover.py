@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from proxy.config import build_config
+from proxy.core.settings import ConfigError
+from storage.redis import parse_sentinel_url
 from tests.harness.front import Drip, Front, blob
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
@@ -83,3 +86,28 @@ async def test_pulls_go_on_while_sentinel_promotes_a_replica(
     assert upstream.count("GET", f"/blobs/{after}") == 1
     for proxy in proxies:
         assert proxy.running
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://:s3cret@sentinel:26379", "needs the service name"),
+        ("redis+sentinel://:s3cret@sentinel:port/mymaster", "is not HOST:PORT"),
+        ("redis+sentinel://sentinel/mymaster/zero", "database 'zero' is not a number"),
+        ("redis+sentinel://sentinel/mymaster?tls=1", "unknown parameter 'tls'"),
+    ],
+)
+def test_a_bad_sentinel_url_is_refused_naming_the_key(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({"redis": {"url": url}})
+    assert caught.value.key == "redis.url" and problem in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_a_sentinel_url_names_sentinels_service_database_and_passwords() -> None:
+    url = "redis+sentinel://:pw@10.0.0.1:26380,[fd00::2],sentinel-3/mymaster/2?sentinel_password=sp"
+    assert build_config({"redis": {"url": url}}).redis_url == url
+    target = parse_sentinel_url(url)
+    assert target.sentinels == (("10.0.0.1", 26380), ("fd00::2", 26379), ("sentinel-3", 26379))
+    assert (target.service, target.db, target.password) == ("mymaster", 2, "pw")
+    assert target.sentinel_password == "sp"
