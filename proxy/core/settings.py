@@ -101,9 +101,7 @@ def parse_advertise_url(value: object) -> str:
     """An http(s) URL; a bare IPv6 address before the port (``http://fd00::5:5000``, what
     ``http://$(POD_IP):5000`` becomes on an IPv6 pod) is read as ``http://[fd00::5]:5000``."""
     text = str(value).strip().rstrip("/")
-    match = re.fullmatch(
-        r"(https?://)([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f.]*):(\d+)(/.*)?", text
-    )
+    match = _BARE_IPV6_URL.fullmatch(text)
     if match:
         scheme, host, port, path = match.groups()
         text = f"{scheme}[{host}]:{port}{path or ''}"
