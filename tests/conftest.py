@@ -16,9 +16,14 @@ proxy_factory      function   factory: ``proxy_factory(upstream_url, **kw) -> Pr
 seaweed            session    one SeaweedFS ``weed mini`` S3 store (``SeaweedS3``); a test that
                               stops it starts it again (``s3`` does too); bucket per test:
                               ``s3`` or ``seaweed.bucket()``
+rgw                session    one Ceph RADOS Gateway on a one-node cluster (``RadosGateway``,
+                              Debian's radosgw/ceph-mon/ceph-osd); ``stop()`` ends radosgw only
+object_store       function   each real S3 server in turn, ``seaweedfs`` then ``rgw`` (an
+                              ``S3Store``, started again if a test stopped it)
 s3                 function   a fresh bucket + prefix on ``seaweed`` (``S3Location``; ``.url``
                               is ``s3://BUCKET/PREFIX``, ``.env()`` the proxy's AWS_* variables)
-s3_front           function   factory: ``s3_front() -> S3Front`` before ``seaweed`` (faults, counts)
+s3_front           function   factory: ``s3_front() -> S3Front`` before ``seaweed`` (faults,
+                              counts); ``s3_front(store=object_store)`` before another store
 =================  =========  ==============================================================
 
 Every server listens on 127.0.0.1 only and is stopped by the fixture that started it.
@@ -42,8 +47,10 @@ from tests.harness.images import SeededRegistry, seed_image, seed_standard_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.redis import RedisServer
 from tests.harness.registry import Registry, start_registry
+from tests.harness.rgw import RadosGateway
 from tests.harness.s3front import S3Front
-from tests.harness.seaweed import S3Location, SeaweedS3, empty_bucket
+from tests.harness.s3store import S3Location, S3Store, empty_bucket
+from tests.harness.seaweed import SeaweedS3
 from tests.harness.tlsca import LocalCA, make_ca
 from tests.harness.tokens import TokenIssuer, TokenRegistry
 
@@ -194,6 +201,31 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         store.close()
 
 
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RadosGateway]:
+    """The shared RADOS Gateway (one cluster per session: ~2 s to stand up); a test that stops or
+    kills radosgw must ``start()`` it again (``object_store`` does)."""
+    store = RadosGateway(tmp_path_factory.mktemp("rgw"))
+    try:
+        store.start()
+        yield store
+    finally:
+        store.close()
+
+
+#: The real S3 servers a test parametrized over ``object_store`` runs against, by test id.
+OBJECT_STORES = {"seaweedfs": "seaweed", "rgw": "rgw"}
+
+
+@pytest.fixture(params=list(OBJECT_STORES))
+def object_store(request: pytest.FixtureRequest) -> S3Store:
+    """SeaweedFS, then the RADOS Gateway: the session's store, running (started again if an
+    earlier test stopped it). Buckets are the test's: ``object_store.bucket()``."""
+    store: S3Store = request.getfixturevalue(OBJECT_STORES[request.param])
+    store.start()
+    return store
+
+
 @pytest.fixture
 def s3(seaweed: SeaweedS3) -> Iterator[S3Location]:
     """A fresh bucket and prefix on the shared store, emptied and deleted at teardown.
@@ -210,13 +242,15 @@ def s3(seaweed: SeaweedS3) -> Iterator[S3Location]:
 
 
 @pytest.fixture
-def s3_front(seaweed: SeaweedS3) -> Iterator[Callable[..., S3Front]]:
-    """Factory: ``s3_front()`` starts an ``S3Front`` before the shared store (stopped after);
-    ``s3_front(ssl_context)`` serves HTTPS."""
+def s3_front(request: pytest.FixtureRequest) -> Iterator[Callable[..., S3Front]]:
+    """Factory: ``s3_front()`` starts an ``S3Front`` before the shared SeaweedFS (stopped after);
+    ``s3_front(ssl_context)`` serves HTTPS; ``s3_front(store=object_store)`` fronts that store."""
     started: list[S3Front] = []
 
-    def make(ssl_context: ssl.SSLContext | None = None) -> S3Front:
-        instance = S3Front(seaweed.endpoint, ssl_context=ssl_context)
+    def make(ssl_context: ssl.SSLContext | None = None, store: S3Store | None = None) -> S3Front:
+        if store is None:
+            store = request.getfixturevalue("seaweed")
+        instance = S3Front(store.endpoint, ssl_context=ssl_context)
         started.append(instance)
         instance.start()
         return instance

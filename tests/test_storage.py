@@ -1,4 +1,5 @@
-"""The storage contract, one suite run against every driver: the filesystem and S3 (SeaweedFS)."""
+"""The storage contract, one suite run against every driver: the filesystem and S3, the latter on
+two real servers (SeaweedFS and Ceph's RADOS Gateway: ``object_store`` in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from storage.eviction import CacheManager
 from storage.redis import RedisCoordinator, RedisMetadata, connect
 from storage.writer import SpoolWriter
 from tests.harness.redis import RedisServer
-from tests.harness.seaweed import SeaweedS3
+from tests.harness.s3store import S3Store
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -39,25 +40,28 @@ def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def s3_settings(seaweed: SeaweedS3, bucket: str, **kwargs: object) -> S3Settings:
-    env = seaweed.env()
+def s3_settings(server: S3Store, bucket: str, **kwargs: object) -> S3Settings:
+    env = server.env()
     return S3Settings(
         bucket=bucket,
         prefix="cache",
-        endpoint=seaweed.endpoint,
+        endpoint=server.endpoint,
         access_key_id=env["AWS_ACCESS_KEY_ID"],
         secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         **kwargs,  # type: ignore[arg-type]
     )
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", "seaweedfs", "rgw"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ContentStore]:
     s3 = None
-    if request.param == "s3":
-        seaweed: SeaweedS3 = request.getfixturevalue("seaweed")
+    if request.param != "filesystem":
+        server: S3Store = request.getfixturevalue(
+            "seaweed" if request.param == "seaweedfs" else "rgw"
+        )
+        server.start()
         # a small part size would be refused by S3; 5 MiB keeps the multipart tests quick
-        s3 = s3_settings(seaweed, seaweed.bucket(), part_size=5 * 1024 * 1024)
+        s3 = s3_settings(server, server.bucket(), part_size=5 * 1024 * 1024)
     backend = create_store(tmp_path / "root", s3, WorkSettings(tmp_path / "work", 64 * 1024**2))
     await backend.open()
     yield backend
@@ -66,7 +70,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     leftovers = list(tmp.iterdir())
     assert leftovers == [], f"temp files left behind: {leftovers}"
     if s3 is not None:
-        assert seaweed.uploads(s3.bucket) == [], "multipart uploads left behind"
+        assert server.uploads(s3.bucket) == [], "multipart uploads left behind"
 
 
 async def read_all(
