@@ -1,4 +1,5 @@
-"""The object-store harness itself: SeaweedFS ``weed mini`` (``seaweed``/``s3``) and ``S3Front``.
+"""The object-store harness itself: SeaweedFS ``weed mini`` (``seaweed``/``s3``), Ceph RGW (``rgw``)
+and ``S3Front``.
 
 These prove the tools the S3 backend's tests stand on: a real S3 API on loopback with the
 credentials we gave it, multipart uploads visible while incomplete and surviving a crash of the
@@ -20,6 +21,7 @@ import pytest
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import Registry
+from tests.harness.rgw import RadosGateway
 from tests.harness.s3front import (
     CutAfter,
     Drop,
@@ -32,6 +34,7 @@ from tests.harness.s3front import (
     s3_error,
     upload_part,
 )
+from tests.harness.s3store import S3Store
 from tests.harness.seaweed import S3Location, SeaweedS3, make_client
 from tests.test_read_path import fetch, sha256
 
@@ -272,3 +275,81 @@ async def test_proxy_s3_client_works_through_the_front(
     assert s3.get_object(s3.blob_key(layer)) == body
     assert front.count(match=upload_part) + front.count(match=put_object) >= 1
     assert not [r for r in front.requests if r.status == 403], "a signature broke on the way"
+
+
+def test_rgw_cluster_listens_on_loopback_only_and_close_ends_every_process(
+    tmp_path: Path,
+) -> None:
+    """A cluster of its own (the session's ``rgw`` stays up): mon, OSD and radosgw bind
+    127.0.0.1 only, S3 works with the test credentials, ``close()`` leaves no process."""
+    gateway = RadosGateway(tmp_path / "own-rgw")
+    try:
+        gateway.start()
+        assert gateway.startup_seconds is not None and gateway.startup_seconds < 60
+        pids = gateway.pids
+        assert sorted(pids) == ["mon", "osd", "rgw"]
+        for name, pid in pids.items():
+            listening = _listening_ports(pid)
+            assert listening, f"{name} holds no listening socket"
+            assert {ip for ip, _ in listening} == {"127.0.0.1"}, (name, listening)
+        assert (("127.0.0.1", gateway.mon_port)) in _listening_ports(pids["mon"])
+        assert (("127.0.0.1", gateway.port)) in _listening_ports(pids["rgw"])
+        bucket = gateway.bucket()
+        gateway.put_object(bucket, "k", b"rados")
+        gateway.stop()  # radosgw only: the data stays in the cluster
+        assert sorted(gateway.pids) == ["mon", "osd"]
+        gateway.start()
+        assert gateway.get_object(bucket, "k") == b"rados"
+    finally:
+        gateway.close()
+    for pid in pids.values():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in _status(pid)
+    assert gateway.pids == {}
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "zombie"
+
+
+def test_what_differs_between_the_stores(object_store: S3Store) -> None:
+    """The behaviours of SeaweedFS and RGW that differ and that ``storage/s3.py`` handles; this
+    fails when a store changes, so the driver's workaround can be revisited."""
+    client = object_store.client()
+    bucket = object_store.bucket()
+    ids = [client.create_multipart_upload(Bucket=bucket, Key=f"m/{k}")["UploadId"] for k in "abc"]
+    page = client.list_multipart_uploads(Bucket=bucket, Prefix="m/", MaxUploads=2)
+    assert page["IsTruncated"] and len(page["Uploads"]) == 2
+    # a truncated listing of multipart uploads: markers of the next page (S3, RGW) or none
+    # (SeaweedFS; S3Driver._abort_abandoned lists again after its aborts)
+    names_next_page = bool(page.get("NextKeyMarker"))
+    assert names_next_page == (object_store.name == "rgw")
+    # aborting an upload that is already gone: 204 on SeaweedFS, NoSuchUpload on RGW (the
+    # driver takes both as done)
+    client.abort_multipart_upload(Bucket=bucket, Key="m/a", UploadId=ids[0])
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key="m/a", UploadId=ids[0])
+        again = "ok"
+    except botocore.exceptions.ClientError as exc:
+        again = _error_code(exc)
+    assert again == {"seaweedfs": "ok", "rgw": "NoSuchUpload"}[object_store.name]
+    # the ETag of a completed multipart upload: quoted in HEAD on both, but RGW 16's
+    # CompleteMultipartUpload answers <ETag></ETag>, and the same completion repeated (a retry)
+    # the ETag unquoted; SeaweedFS answers it quoted both times. The driver uses none of them
+    # (content is checked by size and digest). Both accept a repeated completion.
+    part = client.upload_part(Bucket=bucket, Key="m/b", UploadId=ids[1], PartNumber=1, Body=b"z")
+    etags = [
+        client.complete_multipart_upload(
+            Bucket=bucket,
+            Key="m/b",
+            UploadId=ids[1],
+            MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
+        )["ETag"]
+        for _ in range(2)
+    ]
+    head = client.head_object(Bucket=bucket, Key="m/b")["ETag"]
+    assert head.startswith('"') and head.endswith('-1"')
+    expected = {"seaweedfs": [head, head], "rgw": ["", head.strip('"')]}
+    assert etags == expected[object_store.name]

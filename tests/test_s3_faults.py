@@ -1,8 +1,9 @@
 """The object store misbehaving under a cold pull: 500s, a store that dies mid-part, a slow store.
 
-Between the proxy and SeaweedFS sits ``S3Front`` (``tests/harness/s3front.py``). Whatever the
-store does, the client gets exactly the blob's bytes (or a cut connection, never wrong bytes), no
-object ever appears under a digest it does not hash to, and no multipart upload is left behind.
+Between the proxy and SeaweedFS (for the presigned read, Ceph's RADOS Gateway too) sits
+``S3Front`` (``tests/harness/s3front.py``). Whatever the store does, the client gets exactly the
+blob's bytes (or a cut connection, never wrong bytes), no object ever appears under a digest it
+does not hash to, and no multipart upload is left behind.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.harness.s3front import (
     s3_error,
     upload_part,
 )
+from tests.harness.s3store import S3Store
 from tests.harness.seaweed import SeaweedS3
 from tests.harness.tlsca import LocalCA
 from tests.test_read_path import fetch
@@ -153,7 +155,7 @@ async def bucket_only(
     registry: Registry,
     front: FrontFactory,
     proxy_factory: ProxyFactory,
-    seaweed: SeaweedS3,
+    seaweed: S3Store,
     tmp_path: Path,
     name: str,
     sizes: tuple[int, ...],
@@ -176,7 +178,7 @@ async def bucket_only(
 def replica_through(
     store: S3Front,
     proxy_factory: ProxyFactory,
-    seaweed: SeaweedS3,
+    seaweed: S3Store,
     bucket: str,
     upstream: Front,
     work: Path,
@@ -209,18 +211,18 @@ async def test_blob_in_the_bucket_only_comes_from_a_presigned_url_and_resumes(
     registry: Registry,
     front: FrontFactory,
     proxy_factory: ProxyFactory,
-    seaweed: SeaweedS3,
-    s3_front: Callable[[], S3Front],
+    object_store: S3Store,
+    s3_front: Callable[..., S3Front],
     tmp_path: Path,
 ) -> None:
     upstream, bucket, blobs = await bucket_only(
-        registry, front, proxy_factory, seaweed, tmp_path, "library/bucketonly", (12 * MiB,)
+        registry, front, proxy_factory, object_store, tmp_path, "library/bucketonly", (12 * MiB,)
     )
     [(digest, data)] = blobs.items()
-    store = s3_front()
+    store = s3_front(store=object_store)
     # a new replica (empty work dir); the store cuts its first read after 3 MiB
     store.add_fault(all_of(get_object, path_contains(blob_key(digest))), CutAfter(3 * MiB))
-    proxy = replica_through(store, proxy_factory, seaweed, bucket, upstream, tmp_path / "w2")
+    proxy = replica_through(store, proxy_factory, object_store, bucket, upstream, tmp_path / "w2")
     await fetch_each(proxy, "library/bucketonly", blobs)
     reads = blob_reads(store, blobs)
     # read on a worker thread from a presigned URL, then the rest through the S3 API from the

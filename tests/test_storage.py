@@ -25,6 +25,7 @@ from storage import (
     WorkSettings,
     create_store,
 )
+from storage import s3 as s3_module
 from storage import writer as writer_module
 from storage.eviction import CacheManager
 from storage.redis import RedisCoordinator, RedisMetadata, connect
@@ -186,6 +187,36 @@ async def test_manifests_round_trip_with_media_type(store: ContentStore) -> None
         await store.put_manifest(digest(b"other"), data, "x")
     assert await store.delete_manifest(digest(data))
     assert await store.get_manifest(digest(data)) is None
+
+
+async def test_s3_listings_go_page_by_page(
+    object_store: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys and abandoned multipart uploads are found past the first page of a listing, on both
+    stores: RGW names the next page's markers, SeaweedFS does not (its listing starts over after
+    the aborts, see ``S3Driver._abort_abandoned``)."""
+    monkeypatch.setattr(s3_module, "LIST_PAGE", 2)
+    monkeypatch.setattr(s3_module, "ABANDONED_AFTER", -3600.0)  # every upload is abandoned
+    bucket = object_store.bucket()
+    client = object_store.client()
+    for i in range(5):
+        object_store.put_object(bucket, f"cache/blobs/sha256/0{i}/k{i}", b"x" * (i + 1))
+    began = [f"cache/blobs/sha256/ab/u{i % 4}" for i in range(7)]  # one key twice
+    for key in [*began, "elsewhere/u"]:
+        client.create_multipart_upload(Bucket=bucket, Key=key)
+    store = create_store(
+        tmp_path / "root", s3_settings(object_store, bucket), WorkSettings(tmp_path / "work")
+    )
+    await store.open()
+    try:
+        driver = store.driver
+        assert isinstance(driver, s3_module.S3Driver)
+        walked = {(o.key, o.size) async for o in driver.walk("blobs/")}
+        assert walked == {(f"blobs/sha256/0{i}/k{i}", i + 1) for i in range(5)}
+    finally:
+        await store.close()
+    assert object_store.uploads(bucket, "cache/") == []
+    assert [u["Key"] for u in object_store.uploads(bucket)] == ["elsewhere/u"]
 
 
 @pytest.fixture(params=["filesystem", "redis"])
