@@ -21,6 +21,7 @@ import pytest
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.registry import Registry
+from tests.harness.rgw import DEBIAN_PACKAGES as RGW_PACKAGES
 from tests.harness.rgw import RadosGateway
 from tests.harness.s3front import (
     CutAfter,
@@ -305,6 +306,13 @@ def test_rgw_cluster_listens_on_loopback_only_and_close_ends_every_process(
     for pid in pids.values():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in _status(pid)
     assert gateway.pids == {}
+
+
+def test_scripts_test_installs_the_ceph_packages() -> None:
+    script = (Path(__file__).parent.parent / "scripts" / "test").read_text()
+    block = script.split("DEBIAN_PACKAGES=(\n", 1)[1].split("\n)\n", 1)[0]
+    listed = {word for line in block.splitlines() for word in line.split("#", 1)[0].split()}
+    assert set(RGW_PACKAGES) <= listed and "redis-server" in listed
 
 
 def _status(pid: int) -> str:
