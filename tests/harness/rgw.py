@@ -104,6 +104,7 @@ class RadosGateway(S3Store):
         self._osd: subprocess.Popen[bytes] | None = None
         self._rgw: subprocess.Popen[bytes] | None = None
         self._outputs: list[IO[bytes]] = []
+        self._closed = False
         self._client = None
         #: Seconds the last ``start()`` took until S3 accepted a write.
         self.startup_seconds: float | None = None
@@ -182,16 +183,22 @@ rgw rados pool pg num min = 1
         """Stand the cluster up (first call) and start radosgw; returns once S3 stored a probe."""
         if self.running:
             return self
+        if self._closed:
+            raise RuntimeError("the cluster was closed: its objects are gone with the OSD")
         t0 = time.monotonic()
+        first = self._mon is None
         try:
-            if self._mon is None:
+            if first:
                 self._bootstrap()
             else:
                 self._rgw = self._spawn("rgw", "radosgw", "-f", "-n", "client.rgw")
                 self._wait_http(t0 + START_TIMEOUT)
             self._wait_writable(t0 + START_TIMEOUT)
         except BaseException:
-            self.close()
+            if first:
+                self.close()
+            else:
+                self.kill()
             raise
         self.startup_seconds = time.monotonic() - t0
         return self
@@ -333,21 +340,27 @@ rgw rados pool pg num min = 1
 
     def stop(self) -> None:
         """SIGTERM radosgw and wait (SIGKILL after ``STOP_TIMEOUT``); the cluster keeps the data."""
-        self._rgw = _end(self._rgw, signal.SIGTERM)
+        _end(self._rgw, signal.SIGTERM)
+        self._rgw = None
 
     def kill(self) -> None:
         """SIGKILL radosgw at once (the store dying mid-request); ``start()`` brings it back."""
-        self._rgw = _end(self._rgw, signal.SIGKILL)
+        _end(self._rgw, signal.SIGKILL)
+        self._rgw = None
 
     def close(self) -> None:
         """End every process started here (radosgw, then the OSD, then the monitor).
 
         The cluster cannot be started again: the OSD's objects were in its memory."""
+        self._closed = True
         self._close_client()
-        self._rgw = _end(self._rgw, signal.SIGTERM)
+        _end(self._rgw, signal.SIGTERM)
+        self._rgw = None
         # memstore writes every object out to osd.0/ at a clean stop: pointless for a throwaway
-        self._osd = _end(self._osd, signal.SIGKILL)
-        self._mon = _end(self._mon, signal.SIGTERM)
+        _end(self._osd, signal.SIGKILL)
+        self._osd = None
+        _end(self._mon, signal.SIGTERM)
+        self._mon = None
         for output in self._outputs:
             output.close()
         self._outputs.clear()
@@ -365,9 +378,9 @@ rgw rados pool pg num min = 1
 
 
 def _end(proc: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
-    """Signal *proc*, wait ``STOP_TIMEOUT``, SIGKILL if it lingers; always returns None."""
+    """Signal *proc*, wait ``STOP_TIMEOUT``, SIGKILL if it lingers."""
     if proc is None:
-        return None
+        return
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
@@ -376,4 +389,3 @@ def _end(proc: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
             proc.kill()
             proc.wait(STOP_TIMEOUT)
     untrack_process(proc)
-    return None
