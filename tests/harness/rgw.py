@@ -32,6 +32,9 @@ Choices that make a one-node cluster on loopback work (and quickly):
 * ``paxos propose interval = 0.01``: radosgw creates its seven pools one monitor command at a time,
   and each waited out the default one-second proposal interval (radosgw took 11 s to answer, the
   whole start 17.6 s; now 0.5 s and ~2 s).
+* ``rgw gc obj min wait/processor period = 5``: the data of deleted objects (beyond their first
+  4 MiB) leaves the OSD's memory within seconds instead of two hours (measured: 200 MiB written
+  took the OSD from 47 to 459 MB RSS, deleted 296 MB, 15 s later 53 MB).
 * every daemon binds msgr2 on 127.0.0.1 only (``ms bind msgr1 = false``, ``public/cluster addr``).
 
 ``start()`` stands the cluster up once; afterwards ``stop()``/``kill()`` end only ``radosgw`` (the
@@ -174,6 +177,8 @@ osd op num threads per shard = 2
 rgw frontends = beast endpoint=127.0.0.1:{self.port}
 rgw data = {work}/rgw
 rgw thread pool size = 64
+rgw gc obj min wait = 5
+rgw gc processor period = 5
 rgw rados pool pg num min = 1
 """
 
