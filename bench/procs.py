@@ -175,21 +175,36 @@ def install_signal_handlers() -> None:
 atexit.register(stop_all)
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (``regproxy serve --workers N``'s workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` so far, in seconds (its threads included, children not)."""
+    """utime + stime of ``pid`` and its live children so far, in seconds (threads included)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    own = (int(fields[11]) + int(fields[12])) / ticks
+    return own + sum(_cpu_or_none(child) or 0.0 for child in children(pid))
 
 
 def status_kib(pid: int, key: str) -> int:
-    """A ``kB`` figure from ``/proc/PID/status`` (``VmHWM``, ``VmRSS``)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
+    """A ``kB`` figure from ``/proc/PID/status`` (``VmHWM``, ``VmRSS``), summed over ``pid``
+    and its live children (the workers of a ``--workers N`` server)."""
+    total = 0
+    for one in (pid, *children(pid)):
+        try:
+            with open(f"/proc/{one}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+        except (OSError, StopIteration):
+            if one == pid:
+                raise KeyError(key) from None
+    return total
 
 
 #: A process is quiet when it used less than this much CPU over ``QUIET_INTERVAL``.

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 from collections.abc import AsyncIterator
+from typing import cast
 
+import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -55,6 +58,7 @@ from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
 from storage.identity import StoreClaim, StoreMismatch, store_identity
+from storage.host import HostCoordinator, HostCounter, HostOverFleet, Worker
 from storage.redis import RedisCoordinator, RedisMetadata
 from storage.redis import close as close_redis
 from storage.redis import connect as connect_redis
@@ -64,16 +68,23 @@ __all__ = ["AccessLogger", "advertise_url", "create_app", "reload_policy"]
 log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
+#: This process as one of the workers of ``serve --workers N``; absent: the only process.
+WORKER = web.AppKey("worker", Worker)
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, worker: Worker | None = None) -> web.Application:
     app = web.Application(
         middlewares=[api_headers_middleware, error_middleware],
         client_max_size=1024,
         handler_args={"max_line_size": 8190, "max_field_size": 8190},
     )
     app[CONFIG] = config
-    app[METRICS] = Metrics()
+    if worker is not None:
+        app[WORKER] = worker
+    app[METRICS] = Metrics(
+        multiprocess=None if worker is None else str(worker.metrics_dir),
+        upstreams=config.upstreams,
+    )
     app[AUTH] = Authenticator(config.auth, Router(config.upstreams, config.default_upstream))
     app[AUTH].throttle.on_throttled = app[METRICS].logins_throttled.inc
     app.cleanup_ctx.append(_resources)
@@ -82,7 +93,7 @@ def create_app(config: Config) -> web.Application:
     add_routes(app)
     # /_regproxy/ and /_regproxy/api/...: proxy.ops.console
     setup_console(app, config.console, config.cache, redis=config.redis_url is not None)
-    app.router.add_get("/_regproxy/sync", handle_sync_status)
+    app.router.add_get("/_regproxy/sync", _sync_status_of_host)
     app.router.add_route("*", "/{path:.*}", handle_other)
     return app
 
@@ -91,6 +102,31 @@ def reload_policy(app: web.Application, settings: TrustSettings) -> None:
     """SIGHUP: take a new ``policy:``; verdicts reached under the old one no longer count."""
     if TRUST in app:
         app[TRUST].reload(settings)
+
+
+async def _sync_status_of_host(request: web.Request) -> web.StreamResponse:
+    """``GET /_regproxy/sync``; with workers, worker 0's (it runs the schedule)."""
+    worker = request.app.get(WORKER)
+    if worker is None or worker.index == 0:
+        return await handle_sync_status(request)
+    request["route"] = "sync"
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    try:
+        url = (worker.run_dir / "peer-0").read_text()
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.get(f"{url}/_regproxy/sync", headers=headers) as resp,
+        ):
+            body = await resp.read()
+            kept = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED_ON}
+            return web.Response(body=body, status=resp.status, headers=kept)
+    except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+        raise web.HTTPServiceUnavailable(
+            text=f"the sync schedule's worker did not answer ({type(exc).__name__})"
+        ) from exc
+
+
+_PASSED_ON = {"content-type", "www-authenticate", "docker-distribution-api-version"}
 
 
 def advertise_url(config: Config) -> str:
@@ -109,7 +145,11 @@ def advertise_url(config: Config) -> str:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
-    storage = create_store(config.storage, config.s3, config.work)
+    worker = app.get(WORKER)
+    work = config.work
+    if worker is not None:  # the workers of a host share the local read tier (storage.tier)
+        work = dataclasses.replace(work, max_size=work.max_size // worker.count)
+    storage = create_store(config.storage, config.s3, work)
     storage.driver.on_request = metrics.storage_request
     storage.on_error = lambda op: metrics.storage_errors.labels(op).inc()
     await storage.open()
@@ -120,8 +160,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[STORAGE] = storage
     app[UPSTREAMS] = upstreams
     app[ROUTER] = Router(config.upstreams, config.default_upstream)
+    if worker is not None:  # where the other workers reach this one
+        (worker.run_dir / f"peer-{worker.index}").write_text(worker.peer_url)
     interval = 60.0 if config.cache.blob_ttl is None else min(60.0, config.cache.blob_ttl / 2)
-    cache = CacheManager(storage, config.cache, interval=max(0.5, interval))
+    shared = None if worker is None else HostCounter(worker.run_dir / "used")
+    cache = CacheManager(
+        storage,
+        config.cache,
+        interval=max(0.5, interval),
+        shared=shared,
+        accountant=worker is None or worker.index == 0,  # one worker lists and evicts
+    )
     metrics.storage_limit.set(cache.limit or 0)
     cache.on_size = metrics.storage_bytes.set
     cache.on_evict = lambda kind, digest, size: metrics.evictions.labels(kind).inc()
@@ -135,9 +184,21 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         redirect_expiry=config.s3.redirect_expiry if config.s3 and config.s3.redirect else None,
         advertise_url=advertise_url(config),
     )
-    metrics.inflight.set_function(lambda: len(app[BLOBS].downloads))
+    inflight = None
+    if metrics.multiprocess is None:
+        metrics.inflight.set_function(lambda: len(app[BLOBS].downloads))
+    else:  # the workers' files hold values, not functions: look four times a second
+        inflight = asyncio.create_task(_count_downloads(app))
     meta: MetadataStore = storage
     redis_client = claim = None
+    host: HostCoordinator | None = None
+    if worker is not None:
+        host = HostCoordinator(worker.run_dir, token=worker.token)
+    if host is not None and not config.redis_url:
+        # the fleet's interface (proxy.fetch.fleet), on this host's files instead of Redis
+        app[BLOBS].coordinator = cast(RedisCoordinator, host)
+        app[BLOBS].fetcher.advertise_url = worker.peer_url if worker else None
+        app[BLOBS].fetcher.peer_token = worker.token if worker else None
     if config.redis_url:
         redis_client = connect_redis(config.redis_url)
         claim = await _claim_store(redis_client, storage, upstreams)
@@ -147,6 +208,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[BLOBS].fetcher.peer_token = await coordinator.peer_token()
         cache.coordinator = coordinator
         app[AUTH].throttle.redis = redis_client
+        if host is not None and worker is not None:
+            layered = HostOverFleet(coordinator, host, worker.peer_url)
+            app[BLOBS].coordinator = cast(RedisCoordinator, layered)
+            app[BLOBS].fetcher.peer_token = app[BLOBS].fetcher.peer_token or worker.token
     app[MANIFESTS] = ManifestService(storage, meta, offline=config.offline)
     app[LINKS] = Links(meta, offline=config.offline)
     app[REFERRERS] = ReferrersService(app[MANIFESTS], meta, offline=config.offline)
@@ -176,7 +241,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         config.default_upstream,
         app[BLOBS].fetcher.advertise_url,
     )
-    usage = UsageStats()
+    usage = UsageStats(
+        None if worker is None or worker.index == 0 else f"{socket.gethostname()}.w{worker.index}"
+    )
     await usage.load(storage)
     app[USAGE] = usage
     await cache.start()
@@ -194,11 +261,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         instance=storage.instance,
         auth=app[AUTH],
     )
-    app[SYNC].start()
+    if worker is None or worker.index == 0:  # one worker of a host runs the schedule
+        app[SYNC].start()
     try:
         yield
     finally:
         await app[SYNC].stop()
+        if inflight is not None:
+            inflight.cancel()
         saver.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await saver
@@ -210,7 +280,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await claim.stop()
         if redis_client is not None:
             await close_redis(redis_client)
+        if host is not None:
+            host.close()
+        if shared is not None:
+            shared.close()
         await storage.close()
+
+
+async def _count_downloads(app: web.Application) -> None:
+    """Downloads this worker makes (not those it follows: the host's figure counts each once)."""
+    while True:
+        running = app[BLOBS].downloads.values()
+        app[METRICS].inflight.set(sum(1 for dl in running if dl.source != "peer"))
+        await asyncio.sleep(0.25)
 
 
 async def _claim_store(client: Redis, storage: ContentStore, upstreams: Upstreams) -> StoreClaim:

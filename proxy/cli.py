@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, /readyz answers 503 while serving this long before closing (default 0)",
     )
     serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="processes sharing the port and the cache (default: one per CPU it may run on)",
+    )
+    serve.add_argument(
         "--upstream-username", metavar="USER", help="username for the default upstream"
     )
     serve.add_argument(
@@ -209,6 +214,7 @@ FLAG_PATHS = {
     "log_level": "log_level",
     "head_timeout": "head_timeout",
     "drain_delay": "drain_delay",
+    "workers": "workers",
     "upstream_username": "upstream_username",
     "upstream_password_file": "upstream_password_file",
     "max_size": "cache.max_size",
@@ -266,11 +272,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("tls_cert", f"cannot load certificate and key: {exc}") from None
-    from proxy.server import serve
+    from proxy.server import default_workers, serve
 
     host, port = config.listen_address
     _install_uvloop()
+    workers = config.workers or default_workers()
+    if workers > 1:
+        from proxy.server import serve_workers
+
+        return serve_workers(
+            config,
+            workers,
+            ssl_context,
+            reloader=lambda app: _reloader(app, args),
+            reporting=_reporting,
+        )
     app = create_app(config)
+    asyncio.run(
+        serve(
+            app,
+            host=host,
+            port=port,
+            ssl_context=ssl_context,
+            access_log_class=AccessLogger,
+            head_timeout=config.head_timeout,
+            on_reload=_reloader(app, args),
+            drain_delay=config.drain_delay,
+        )
+    )
+    return 0
+
+
+def _reloader(app: Any, args: argparse.Namespace) -> Callable[[], None]:
+    """What SIGHUP does: read the configuration again and take its policy."""
 
     def reload() -> None:
         from proxy.app import reload_policy
@@ -280,19 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             log.error("SIGHUP: the policy was not reloaded, the previous one stays: %s", exc)
 
-    asyncio.run(
-        serve(
-            app,
-            host=host,
-            port=port,
-            ssl_context=ssl_context,
-            access_log_class=AccessLogger,
-            head_timeout=config.head_timeout,
-            on_reload=reload,
-            drain_delay=config.drain_delay,
-        )
-    )
-    return 0
+    return reload
 
 
 def _listen_of_pid1() -> str | None:
@@ -519,8 +541,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Any = args.handler
+    return _reporting(lambda: int(handler(args)))
+
+
+def _reporting(call: Callable[[], int]) -> int:
+    """``call()``, its errors printed as one line each and turned into an exit code."""
     try:
-        return int(handler(args))
+        return call()
     except ConfigError as exc:
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from proxy.core.settings import (
     parse_log_level,
     parse_size,
     parse_url,
+    parse_workers,
     read_secret,
     section_of,
 )
@@ -76,6 +77,9 @@ class Config:
     advertise_url: str | None = None
     #: Default tag TTL in seconds; defaults to 5 minutes.
     tag_ttl: float = 300.0
+    #: Worker processes sharing the listen socket and the cache; None (the default): one per
+    #: CPU this process may run on (``os.sched_getaffinity``).
+    workers: int | None = None
     #: Logging level; defaults to ``info``.
     log_level: str = "info"
     #: Seconds a client has to send a request's head before its connection is closed
@@ -144,6 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "--log-level"),
     Setting("head_timeout", "--head-timeout"),
     Setting("drain_delay", "--drain-delay"),
+    Setting("workers", "--workers"),
     Setting("upstream_username", "--upstream-username"),
     Setting("upstream_password_file", "--upstream-password-file"),
     Setting("upstream_password"),  # environment or file only: never a flag
@@ -288,6 +293,8 @@ def build_config(raw: Mapping[str, Any]) -> Config:
             raise ConfigError("head_timeout", "must be positive")
     if "drain_delay" in raw:
         kwargs["drain_delay"] = field_of(raw, "drain_delay", parse_duration)
+    if raw.get("workers") not in (None, ""):
+        kwargs["workers"] = field_of(raw, "workers", parse_workers)
     if "offline" in raw:
         kwargs["offline"] = field_of(raw, "offline", parse_bool)
     for key in ("tls_cert", "tls_key"):

@@ -29,6 +29,7 @@ Keys (the same on both drivers: under the directory, or under ``<prefix>/`` in t
     ├── stats/<host>.json                       hit/miss/pull counts for ``regproxy cache stats``
     ├── store-id                                (filesystem, with Redis) this store's random id,
     │                                           made once (``storage.identity``)
+    ├── stats/<host>.w<i>.json                  the same of worker i > 0 (``serve --workers N``)
     ├── quarantine/<kind>/<alg>-<hex>           (filesystem) what ``regproxy verify`` found corrupt
     └── tmp/<instance>/                         (filesystem) writes in progress of one process:
         ├── .lock                               flock'ed while it lives; the directory of a dead

@@ -17,6 +17,12 @@
 * A pull that already opened a file keeps reading it after deletion (POSIX); the next request for
   an evicted digest simply fetches it again.
 
+Workers of one host (``serve --workers N``) share ``used`` through a
+:class:`storage.host.HostCounter` and only one of them (the ``accountant``) lists and evicts; it
+looks at the shared figure every second, so another worker's commits wake it as its own do. A
+blob another worker is sending right now is not in the accountant's ``in_use``: if evicted, that
+client keeps reading the open file (POSIX).
+
 What it does not promise: several replicas each run passes; they agree on the content (the listing
 is the truth) but may each remove a little more than needed. Listing a large bucket on every pass
 costs one request per 1,000 objects.
@@ -39,6 +45,7 @@ from storage.errors import StorageError
 from storage.settings import CacheSettings
 
 if TYPE_CHECKING:
+    from storage.host import HostCounter
     from storage.redis import RedisCoordinator
 
 log = logging.getLogger(__name__)
@@ -90,13 +97,23 @@ class CacheManager:
     """
 
     def __init__(
-        self, store: ContentStore, config: CacheSettings, *, interval: float = 60.0
+        self,
+        store: ContentStore,
+        config: CacheSettings,
+        *,
+        interval: float = 60.0,
+        shared: HostCounter | None = None,
+        accountant: bool = True,
     ) -> None:
         self.store = store
         self.config = config
         self.limit = config.max_size
         self.interval = interval
-        self.used = 0
+        #: The host's figure, shared by its workers; None: this process's own (``_used``).
+        self.shared = shared
+        #: This process lists and evicts (one worker of a host does).
+        self.accountant = accountant
+        self._used = 0
         #: Digests being sent to a client right now; never evicted.
         self.in_use: Counter[str] = Counter()
         #: Called with the bytes in use whenever that changes.
@@ -120,6 +137,10 @@ class CacheManager:
         store.on_access = self.touch
 
     @property
+    def used(self) -> int:
+        return self._used if self.shared is None else max(0, self.shared.value)
+
+    @property
     def full(self) -> bool:
         return self.limit is not None and self.used >= self.limit
 
@@ -128,6 +149,8 @@ class CacheManager:
         return self.limit is not None or self.config.blob_ttl is not None
 
     async def start(self) -> None:
+        if not self.accountant:
+            return
         files = await self.store.list_content()
         self._set_used(sum(f.size for f in files))
         log.info(
@@ -145,7 +168,10 @@ class CacheManager:
                 await self._task
 
     def _set_used(self, value: int) -> None:
-        self.used = max(0, value)
+        if self.shared is None:
+            self._used = max(0, value)
+        else:
+            self.shared.set(max(0, value))
         if self.on_size is not None:
             self.on_size(self.used)
 
@@ -155,7 +181,12 @@ class CacheManager:
     def added(self, digest: str, size: int) -> None:
         """A blob or manifest of ``size`` bytes was committed."""
         self._recent[digest] = (time.time(), size)
-        self._set_used(self.used + size)
+        if self.shared is None:
+            self._set_used(self.used + size)
+        else:
+            self.shared.add(size)
+            if self.on_size is not None:
+                self.on_size(self.used)
         if self._over_high():
             self._wake.set()
 
@@ -176,14 +207,28 @@ class CacheManager:
 
     async def _loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+            await self._sleep()
             self._wake.clear()
             try:
                 await self.evict()
             except Exception:
                 log.exception("eviction pass failed")
                 await asyncio.sleep(1)
+
+    async def _sleep(self) -> None:
+        """Until woken or ``interval`` passed; with a shared figure, also until it is over the
+        high watermark (another worker's commits)."""
+        deadline = time.monotonic() + self.interval
+        while True:
+            left = deadline - time.monotonic()
+            step = left if self.shared is None else min(left, 1.0)
+            if step <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), step)
+                return
+            if self.shared is not None and self._over_high():
+                return
 
     async def evict(self) -> EvictionReport:
         """One pass: list, then remove LRU content down to the low watermark (and expired)."""

@@ -5,6 +5,10 @@ eviction (recency in memory, rebuilt from mtimes at start). Every file in it was
 it was placed here (a committed upload, or a read of the store that hashed to its digest), and it
 is placed with ``os.replace``, so a crash leaves whole files or none. Losing the directory loses
 nothing: the store still holds every object.
+
+The workers of one host (``serve --workers N``) share the directory, each with ``max_size / N``:
+a file another worker placed is taken into this one's account when first asked for, so the
+accounts together cover every file and the directory stays within ``max_size``.
 """
 
 from __future__ import annotations
@@ -46,9 +50,18 @@ class LocalTier:
         self._make_room(0)
 
     def get(self, key: str) -> LocalFile | None:
-        if key not in self._files:
-            return None
         path = self.path_of(key)
+        if key not in self._files:
+            try:  # placed by another worker of this host?
+                size = os.stat(path).st_size
+            except OSError:
+                return None
+            if size > self.max_size:
+                return LocalFile(path, size)
+            self._make_room(size)
+            self._files[key] = size
+            self.used += size
+            return LocalFile(path, size)
         try:
             size = os.stat(path).st_size
         except OSError:

@@ -449,6 +449,24 @@ def test_cache_max_size_defaults_to_a_fraction_of_the_volume(
     assert rendered_claim_size(helm, tmp_path, overrides) == size
 
 
+@pytest.mark.parametrize(
+    ("overrides", "workers"),
+    [
+        ({}, None),  # no CPU limit: regproxy counts the CPUs it may run on
+        ({"resources": {"limits": {"cpu": 2}}}, 2),
+        ({"resources": {"limits": {"cpu": "1500m"}}}, 2),
+        ({"resources": {"limits": {"cpu": "500m"}}}, 1),
+        ({"resources": {"limits": {"cpu": "3.2"}}}, 4),
+        ({"resources": {"limits": {"cpu": 4}}, "workers": 3}, 3),  # explicit wins
+    ],
+)
+def test_workers_follow_the_cpu_limit(
+    helm: Path, tmp_path: Path, overrides: dict[str, Any], workers: int | None
+) -> None:
+    config = load_rendered_config(render(helm, tmp_path, overrides=overrides), tmp_path)
+    assert config.workers == workers
+
+
 def rendered_claim_size(helm: Path, tmp: Path, overrides: dict[str, Any]) -> str:
     pvc = render(helm, tmp, overrides=overrides).get("PersistentVolumeClaim")
     return str(pvc["spec"]["resources"]["requests"]["storage"])

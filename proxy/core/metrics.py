@@ -30,29 +30,55 @@ regproxy_trust_refusals_total{rule,entry}  manifest requests refused by the trus
                                            deny|allow_tags|require_signature, entry 1, 2, ...
 regproxy_logins_throttled_total            logins answered 429: too many failures from the address
 =========================================  ==========================================
+
+Series whose labels are known before any request (every ``kind``, ``source``, sync ``result``,
+storage ``op`` and configured ``upstream``) are there from the start, at 0.
+
+With worker processes (``serve --workers N``) every worker writes its figures to files in a
+directory of the run (prometheus-client's multiprocess mode) and ``/metrics``, from whichever
+worker answers, shows the host's: counters and histograms summed, gauges as noted per gauge
+(``inflight`` summed over live workers, sizes the most recent value).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 from collections import Counter as Tally
+from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from storage.content import ContentStore
 from storage.errors import StorageError
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
+#: What ``storage.errors.StorageError.op`` says, and the eviction's own "evict".
+STORAGE_ERROR_OPS = ("read", "write", "delete", "list", "open", "key", "evict", "other")
+
 
 class Metrics:
-    def __init__(self) -> None:
+    """The process's metrics; ``multiprocess``: the directory the workers of a host share."""
+
+    def __init__(self, *, multiprocess: str | None = None, upstreams: Iterable[str] = ()) -> None:
+        self.multiprocess = multiprocess
+        if multiprocess is not None and not getattr(values.ValueClass, "_multiprocess", False):
+            # chosen once at import from PROMETHEUS_MULTIPROC_DIR; a forked worker sets it here
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: What to read figures from: the host's (all workers) or this process's registry.
+        self.view = r
+        if multiprocess is not None:
+            self.view = CollectorRegistry()
+            MultiProcessCollector(self.view, path=multiprocess)  # type: ignore[no-untyped-call]
         self.requests = Counter(
             "regproxy_requests",
             "Client requests answered",
@@ -110,18 +136,28 @@ class Metrics:
             "Docker Hub's ratelimit-remaining",
             ["upstream"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.storage_bytes = Gauge(
-            "regproxy_storage_bytes", "Bytes of blobs and manifests on disk", registry=r
+            "regproxy_storage_bytes",
+            "Bytes of blobs and manifests on disk",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.storage_limit = Gauge(
-            "regproxy_storage_limit_bytes", "cache.max_size (0: unbounded)", registry=r
+            "regproxy_storage_limit_bytes",
+            "cache.max_size (0: unbounded)",
+            registry=r,
+            multiprocess_mode="max",
         )
         self.evictions = Counter(
             "regproxy_evictions", "Files removed by eviction", ["kind"], registry=r
         )
         self.inflight = Gauge(
-            "regproxy_inflight_downloads", "Blob downloads from upstream in progress", registry=r
+            "regproxy_inflight_downloads",
+            "Blob downloads from upstream in progress",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.storage_errors = Counter(
             "regproxy_storage_errors", "Storage failures", ["op"], registry=r
@@ -147,6 +183,7 @@ class Metrics:
             "Unix time a sync entry last checked and fetched successfully",
             ["repository"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.sync_bytes = Counter(
             "regproxy_sync_bytes", "Bytes scheduled sync fetched from upstream", registry=r
@@ -176,6 +213,10 @@ class Metrics:
             self.evictions.labels(kind)
         for source in ("cache", "upstream"):
             self.served_bytes.labels(source)
+        for op in STORAGE_ERROR_OPS:
+            self.storage_errors.labels(op)
+        for upstream in upstreams:
+            self.upstream_bytes.labels(upstream)
 
     def storage_request(self, op: str, status: str, seconds: float) -> None:
         """One request to the object store (``storage.base.StorageDriver.on_request``)."""
@@ -183,13 +224,18 @@ class Metrics:
         self.storage_duration.labels(op).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.view)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's value as ``/metrics`` shows it (the host's), 0 when absent."""
+        return self.view.get_sample_value(name, labels or {}) or 0.0
 
 
 class UsageStats:
     """What ``regproxy cache stats`` reads from the store: hits, misses, pulls per repository.
 
-    Kept in ``stats/<host>.json`` of the store, one per replica, continued across restarts.
+    Kept in ``stats/<host>.json`` of the store, one per replica (``stats/<host>.w<i>.json`` for
+    worker ``i`` > 0 of a host), continued across restarts.
     """
 
     def __init__(self, name: str | None = None) -> None:

@@ -84,6 +84,19 @@ def parse_bool(value: object) -> bool:
     raise ValueError(f"{value!r} is not true or false")
 
 
+def parse_workers(value: object) -> int:
+    """A count of worker processes: 1 to 256."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of processes")
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of processes") from None
+    if not 1 <= count <= 256:
+        raise ValueError(f"{count} is not between 1 and 256")
+    return count
+
+
 def parse_url(value: object) -> str:
     text = str(value).strip().rstrip("/")
     parts = urlsplit(text)

@@ -184,7 +184,7 @@ class Console:
         return sample
 
     def _metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        value = self.app[keys.METRICS].registry.get_sample_value(name, labels or {})
+        value = self.app[keys.METRICS].view.get_sample_value(name, labels or {})
         return value or 0.0
 
     def _hits_misses(self) -> tuple[int, int]:
@@ -196,7 +196,7 @@ class Console:
         """Fold new upstream request outcomes (from the metrics) into each upstream's state."""
         now = time.time()
         with self._lock:
-            for metric in self.app[keys.METRICS].registry.collect():
+            for metric in self.app[keys.METRICS].view.collect():
                 if metric.name != "regproxy_upstream_requests":
                     continue
                 for s in metric.samples:
@@ -276,7 +276,7 @@ class Console:
 
     def _upstream_requests_total(self) -> float:
         total = 0.0
-        for metric in self.app[keys.METRICS].registry.collect():
+        for metric in self.app[keys.METRICS].view.collect():
             if metric.name == "regproxy_upstream_requests":
                 total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
         return total

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import secrets
 
+import aiohttp
 from aiohttp import web
 
 from proxy.cache.blobfile import BlobFileResponse
@@ -41,7 +42,7 @@ from proxy.core.errors import (
 from proxy.core.media import INDEX_TYPES, OCI_INDEX
 from proxy.core.metrics import CONTENT_TYPE_LATEST
 from proxy.core.reference import check_digest, check_name, check_reference, is_digest, parse_image
-from proxy.fetch.download import CACHE_RESULT, PEER_HEADER, Cache
+from proxy.fetch.download import CACHE_RESULT, PEER_HEADER, PEER_PATH, Cache
 from proxy.fetch.upstream import Upstream
 from proxy.platforms.rules import accepts_index, index_entries
 from proxy.registry.keys import (
@@ -332,8 +333,36 @@ async def handle_peer_blob(request: web.Request) -> web.StreamResponse:
         return await stream_download(request, dl, digest, blobs.store)
     local = blobs.store.local_blob(digest)
     if local is None:
+        # with workers, a replica's request lands on any worker of this host: pass on the
+        # stream of the one downloading it
+        owner = getattr(blobs.coordinator, "local_owner", None)
+        url = None if owner is None else await owner(digest)
+        if url and url != getattr(blobs.coordinator, "local_url", None):
+            return await _relay_peer(request, url, digest, token)
         raise BlobUnknown({"digest": digest})
     return BlobFileResponse(local.path, digest=digest, headers={"Docker-Content-Digest": digest})
+
+
+async def _relay_peer(
+    request: web.Request, url: str, digest: str, token: str
+) -> web.StreamResponse:
+    timeout = aiohttp.ClientTimeout(sock_connect=5, sock_read=60)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"{url}{PEER_PATH}{digest}", headers={PEER_HEADER: token}) as resp,
+    ):
+        if resp.status != 200:
+            raise BlobUnknown({"digest": digest})
+        out = web.StreamResponse(
+            headers={"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"}
+        )
+        if resp.content_length is not None:
+            out.content_length = resp.content_length
+        await out.prepare(request)
+        async for chunk in resp.content.iter_any():
+            await out.write(chunk)
+        await out.write_eof()
+        return out
 
 
 async def handle_other(request: web.Request) -> web.StreamResponse:

@@ -1,6 +1,8 @@
 """The proxy under test as a real subprocess.
 
-``python -m proxy serve --listen 127.0.0.1:PORT --upstream URL --storage DIR [extra args]``,
+``python -m proxy serve --listen 127.0.0.1:PORT --upstream URL --storage DIR [extra args]`` with
+``REGPROXY_WORKERS=N`` (1 unless a test asks for more: the suite tests the single process, and
+``tests/test_workers.py`` the worker processes),
 run from the repository root with stdout+stderr appended to ``log_path``. ``start()`` returns
 once ``GET /v2/`` answers 200 and fails the test with the log tail if the process exits or does
 not get there within ``start_timeout``. Port, storage and arguments survive ``restart()`` and
@@ -45,6 +47,7 @@ class ProxyProcess:
         base_command: Sequence[str] = (sys.executable, "-m", "proxy"),
         start_timeout: float = START_TIMEOUT,
         scheme: str = "http",
+        workers: int = 1,
     ) -> None:
         self.upstream_url = upstream_url
         self.storage = storage
@@ -56,6 +59,8 @@ class ProxyProcess:
         self.start_timeout = start_timeout
         #: ``https`` when the proxy serves TLS (readiness then skips certificate checks).
         self.scheme = scheme
+        self.workers = workers
+        self._log_start = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,7 +105,7 @@ class ProxyProcess:
             return
         self.storage.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env}
+        env = {**os.environ, "REGPROXY_WORKERS": str(self.workers), **self.env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         if not {"NO_PROXY", "no_proxy"} & self.env.keys():
             # loopback never through a proxy this machine may name (tests of one set their own)
@@ -108,6 +113,7 @@ class ProxyProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"--- start: {' '.join(self.argv)}\n".encode())
             log.flush()
+            self._log_start = log.tell()
             self._proc = subprocess.Popen(
                 self.argv,
                 stdout=log,
@@ -136,12 +142,12 @@ class ProxyProcess:
             context = ssl._create_unverified_context() if self.scheme == "https" else None
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=context) as resp:
-                    if resp.status == 200:
+                    if resp.status == 200 and self._all_workers_ready():
                         return
                     last = f"status {resp.status}"
             except urllib.error.HTTPError as exc:
                 exc.close()
-                if exc.code == 401:
+                if exc.code == 401 and self._all_workers_ready():
                     return
                 last = f"status {exc.code}"
             except OSError as exc:
@@ -153,6 +159,14 @@ class ProxyProcess:
             f"{self.logs()[-4000:]}",
             pytrace=False,
         )
+
+    def _all_workers_ready(self) -> bool:
+        """One process, or the parent of several has said that every worker serves."""
+        if self.workers == 1:
+            return True
+        with open(self.log_path, "rb") as log:  # this run's lines only
+            log.seek(self._log_start)
+            return f"serving with {self.workers} workers".encode() in log.read()
 
     def stop(self) -> int | None:
         """SIGTERM, wait up to 10 s, then SIGKILL. Returns the exit code (None if not running)."""
@@ -178,6 +192,17 @@ class ProxyProcess:
         if proc.poll() is None:
             proc.kill()
             proc.wait(STOP_TIMEOUT)
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of a ``--workers N`` proxy (its children)."""
+        if self._proc is None:
+            return []
+        pid = self._proc.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as handle:
+                return [int(p) for p in handle.read().split()]
+        except OSError:
+            return []
 
     def restart(self) -> None:
         """Stop gracefully and start again with the same port, storage, args and env."""

@@ -146,6 +146,21 @@ cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence
 {{- end }}
 {{- end }}
 
+{{/* Worker processes: .Values.workers, else the CPU limit rounded up (2, "1.5", "1500m"),
+else nothing (regproxy then counts the CPUs it may run on). */}}
+{{- define "regproxy.workers" -}}
+{{- if .Values.workers }}
+{{- int .Values.workers }}
+{{- else }}
+{{- $cpu := toString (((.Values.resources | default dict).limits | default dict).cpu | default "") }}
+{{- if hasSuffix "m" $cpu }}
+{{- int (ceil (divf (trimSuffix "m" $cpu | float64) 1000.0)) }}
+{{- else if $cpu }}
+{{- int (ceil ($cpu | float64)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The Secret file of an upstream's password, as mounted by the Deployment. */}}
 {{- define "regproxy.passwordFile" -}}
 {{- printf "%s/%s/password" (include "regproxy.secretsDir" .root) .name }}
@@ -181,6 +196,7 @@ cache.max_size: cache.maxSize as given, else cache.volumeFraction of persistence
   "upstreams" $ups
   "default_upstream" $v.defaultUpstream
   "cache" $cache }}
+{{- with include "regproxy.workers" . }}{{ $_ := set $cfg "workers" (int .) }}{{ end }}
 {{- if include "regproxy.s3" . }}
 {{- $s3 := $v.storage.s3 }}
 {{- /* On S3, max_size bounds the whole bucket prefix: only when given (no volume to derive it from). */}}
