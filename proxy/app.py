@@ -57,8 +57,8 @@ from proxy.trust.settings import TrustSettings
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
-from storage.identity import StoreClaim, StoreMismatch, store_identity
 from storage.host import HostCoordinator, HostCounter, HostOverFleet, Worker
+from storage.identity import StoreClaim, StoreMismatch, store_identity
 from storage.redis import RedisCoordinator, RedisMetadata
 from storage.redis import close as close_redis
 from storage.redis import connect as connect_redis

@@ -35,9 +35,9 @@ from aiohttp.abc import AbstractAccessLogger
 from prometheus_client.multiprocess import mark_process_dead
 from yarl import URL
 
-from proxy.registry.keys import DRAINING
 from proxy.app import AccessLogger, create_app
 from proxy.config import Config, ConfigError
+from proxy.registry.keys import DRAINING
 from storage.host import Worker
 
 log = logging.getLogger(__name__)
