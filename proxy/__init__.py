@@ -3,7 +3,8 @@
 The packages are layers; each imports only the layers below it (``tests/test_layers.py`` checks
 it), and :mod:`storage` sits under them all::
 
-    proxy.cli, proxy.server       entry points: commands, listening sockets, signals
+    proxy.cli, proxy.workers,     entry points: commands, worker processes, listening sockets,
+    proxy.server                  signals
     proxy.app                     the composition root: builds the services, wires the routes
     proxy.config                  the loader (defaults < YAML < REGPROXY_* < flags)
     proxy.ops                     operators' features: console, scheduled sync, admin commands

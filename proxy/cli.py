@@ -272,14 +272,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("tls_cert", f"cannot load certificate and key: {exc}") from None
-    from proxy.server import default_workers, serve
+    from proxy.server import serve
+    from proxy.workers import default_workers, serve_workers
 
     host, port = config.listen_address
     _install_uvloop()
     workers = config.workers or default_workers()
     if workers > 1:
-        from proxy.server import serve_workers
-
         return serve_workers(
             config,
             workers,

@@ -19,6 +19,7 @@ PACKAGES = ("proxy", "storage")
 LAYERS = (
     "proxy.__main__",
     "proxy.cli",
+    "proxy.workers",
     "proxy.server",
     "proxy.app",
     "proxy.config",
