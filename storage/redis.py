@@ -173,13 +173,14 @@ def connect(url: str) -> aioredis.Redis:
         if target.sentinel_password is not None:
             sentinel_kwargs["password"] = target.sentinel_password
         manager = Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs, **_TIMEOUTS)
-        return manager.master_for(
+        primary: aioredis.Redis = manager.master_for(
             target.service,
             db=target.db,
             username=target.username,
             password=target.password,
             health_check_interval=10,
         )
+        return primary
     return aioredis.from_url(url, health_check_interval=10, **_TIMEOUTS)
 
 

@@ -144,7 +144,7 @@ class LoginThrottle:
                     pipe.pttl(self._key(client))
                     raw, ttl_ms = await pipe.execute()
                 if raw is not None and int(raw) >= self.limit.failures and ttl_ms > 0:
-                    return max(1, math.ceil(ttl_ms / 1000))
+                    return max(1, math.ceil(int(ttl_ms) / 1000))
                 return None
             except (RedisError, OSError, TimeoutError, ValueError) as exc:
                 self._redis_away(exc)
