@@ -44,10 +44,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--blob-client",
-        choices=("bigload", "wrk"),
-        default="bigload",
-        help="load generator for the warm blob figures (default bigload: wrk's 8 KiB reads "
-        "cap it below what the servers can send)",
+        choices=("wrk", "bigload"),
+        default="wrk",
+        help="load generator for the warm blob figures (default wrk -t1; bigload: "
+        "bench/bigload.py, one Python thread per connection, see bench/README.md)",
     )
     parser.add_argument(
         "--regproxy-cmd",

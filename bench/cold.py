@@ -239,11 +239,11 @@ def cold_tls(bench: Bench) -> None:
 
 
 def targets(f: dict[str, Figure]) -> list[Target]:
-    """Issue #13's cold-path targets, as ratios of regproxy to distribution in the same run."""
+    """The cold-path targets (issue #13, raised by #21), as ratios of regproxy to distribution."""
     wanted = [
         ("stream_speed", "≥ 1x distribution", ">=", 1.0),
         ("stream_cpu", "≤ 1.2x distribution", "<=", 1.2),
-        ("cold_many", "≥ 1x distribution", ">=", 1.0),
+        ("cold_many", "≥ 1.2x distribution", ">=", 1.2),
         ("tls_stream_speed", "≥ 1.2x distribution", ">=", 1.2),
         ("tls_many", "≥ 1.2x distribution", ">=", 1.2),
     ]

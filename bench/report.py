@@ -31,9 +31,24 @@ class Figure:
     notes: dict[str, str] = field(default_factory=dict)
     #: Operations that failed per subject (e.g. pulls), over all repetitions.
     failures: dict[str, int] = field(default_factory=dict)
+    #: The server's busy cores in each sample (CPU seconds of its process tree / wall time).
+    cores: dict[str, list[float]] = field(default_factory=dict)
+    #: The load generator's busy cores in each sample.
+    client_cores: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, subject: str, value: float) -> None:
         self.samples.setdefault(subject, []).append(value)
+
+    def add_cores(self, subject: str, server: float | None, client: float | None) -> None:
+        """Busy cores of one sample (call it with the sample, from the measuring function)."""
+        if server is not None:
+            self.cores.setdefault(subject, []).append(server)
+        if client is not None:
+            self.client_cores.setdefault(subject, []).append(client)
+
+    def median_cores(self, subject: str) -> float | None:
+        values = self.cores.get(subject)
+        return statistics.median(values) if values else None
 
     def median(self, subject: str) -> float | None:
         values = self.samples.get(subject)
@@ -59,6 +74,12 @@ class Figure:
                 subjects[name]["note"] = self.notes[name]
             if name in self.failures:
                 subjects[name]["failures"] = self.failures[name]
+            for label, table in (("cores", self.cores), ("client_cores", self.client_cores)):
+                if table.get(name):
+                    subjects[name][label] = {
+                        "median": statistics.median(table[name]),
+                        "samples": table[name],
+                    }
         for name, error in self.errors.items():
             subjects.setdefault(name, {})["error"] = error
         return {
@@ -206,6 +227,12 @@ def _cell(fig: Figure, subject: str) -> str:
         ratio = fig.ratio(subject)
         if ratio is not None:
             text += f" ({ratio:.2f}x)"
+    cores = fig.median_cores(subject)
+    if cores is not None:
+        text += f", {cores:.2f} cores"
+        client = fig.client_cores.get(subject)
+        if client:
+            text += f" (client {statistics.median(client):.2f})"
     if subject in fig.notes:
         text += f" {fig.notes[subject]}"
     return text
@@ -220,7 +247,9 @@ def markdown(
     p = meta["params"]
     lines = [
         f"Command: `{meta['command']}` — {meta['started']}, {meta['duration_s']:.0f} s, "
-        f"medians of {p['repeat']} runs (ratio to distribution in brackets).",
+        f"medians of {p['repeat']} runs (ratio to distribution in brackets; cores: the "
+        "server's busy cores under the load, CPU seconds of its processes over the run's wall "
+        "time, and the load generator's; client-bound: wrk's threads were busy the whole run).",
         "",
         "| figure | distribution | regproxy | nginx sendfile / direct pull / regproxy fs / "
         "regproxy with policy | target |",
@@ -251,15 +280,21 @@ def markdown(
         f"uvloop {m['uvloop']}; {m['distribution']}; {m['nginx']}; {m['wrk']}; {m['skopeo']}; "
         f"{m['curl']}; regproxy {m['regproxy_commit']}.",
         "",
-        f"Load: {p['connections']} connections, {p['seconds']} s per run; blobs with "
-        f"{'bench/bigload.py' if p['blob_client'] == 'bigload' else 'wrk'}, manifests with wrk "
-        f"({p['threads']} threads); clients on the same machine as the servers, over loopback. "
+        f"Load: {p['connections']} connections, {p['seconds']} s per run; warm blobs with "
+        f"{_blob_client(p)}, manifests with wrk ({p['threads']} threads); clients on the same "
+        "machine as the servers, over loopback. "
         f"Image: {p['image_desc']}."
         + (f" regproxy command: `{' '.join(p['regproxy_cmd'])}`." if p.get("regproxy_cmd") else ""),
     ]
     if meta.get("errors"):
         lines += ["", "Errors:", ""] + [f"- {e}" for e in meta["errors"]]
     return "\n".join(lines) + "\n"
+
+
+def _blob_client(p: dict[str, Any]) -> str:
+    if p["blob_client"] == "bigload":
+        return "bench/bigload.py"
+    return f"wrk -t{p.get('blob_threads', p['threads'])}"
 
 
 def from_json(doc: dict[str, Any]) -> str:
@@ -274,6 +309,10 @@ def from_json(doc: dict[str, Any]) -> str:
                 fig.notes[name] = entry["note"]
             if "failures" in entry:
                 fig.failures[name] = entry["failures"]
+            if "cores" in entry:
+                fig.cores[name] = list(entry["cores"]["samples"])
+            if "client_cores" in entry:
+                fig.client_cores[name] = list(entry["client_cores"]["samples"])
             if "error" in entry:
                 fig.errors[name] = entry["error"]
         figures.append(fig)

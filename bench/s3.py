@@ -18,7 +18,7 @@
 Figures (in the report: distribution's column is distribution-s3, regproxy's is regproxy-s3, the
 reference column is regproxy on its filesystem backend):
 
-1. warm 1 MiB and 32 MiB blobs (bigload, as the filesystem figures) — regproxy answers from its
+1. warm 1 MiB and 8 MB blobs (wrk -t1, as the filesystem figures) — regproxy answers from its
    local read tier, distribution reads S3 on every request;
 2. cold pull of ``bench/image:v1`` (skopeo) with the cache emptied (bucket prefix and work dir):
    regproxy-s3 against regproxy on the filesystem;
@@ -345,9 +345,18 @@ class S3Scenario:
                 for name in names[k:] + names[:k]:
                     subject = self.subjects[name]
 
-                    def one(subject: S3Subject = subject, blob: seed.Blob = blob) -> list[float]:
-                        r = b._blob_load(b._blob_url(subject, blob))
-                        b.log(f"  {subject.name:16} {r.mb_per_s:10.1f} MB/s ({r.requests} req)")
+                    def one(
+                        subject: S3Subject = subject,
+                        blob: seed.Blob = blob,
+                        fig: Figure = fig,
+                        name: str = name,
+                    ) -> list[float]:
+                        r = b._blob_load(b._blob_url(subject, blob), subject.pid)
+                        fig.add_cores(COLUMN[name], r.server_cores, r.client_cores)
+                        b.log(
+                            f"  {subject.name:16} {r.mb_per_s:10.1f} MB/s ({r.requests} req), "
+                            f"server {r.server_cores or 0:.2f} cores"
+                        )
                         return [r.mb_per_s]
 
                     self._measure([fig], name, one)

@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIGURES: dict[str, tuple[str, ...]] = {
     "warm_blob_small": ("distribution", "regproxy", "nginx"),
     "warm_blob_large": ("distribution", "regproxy", "nginx"),
+    "warm_blob_xlarge": ("distribution", "regproxy", "nginx"),
     "manifest_digest": ("distribution", "regproxy"),
     "manifest_tag": ("distribution", "regproxy"),
     "cold_pull": ("direct", "distribution", "regproxy"),
@@ -49,6 +50,17 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "trust_manifest_tag": ("regproxy", "regproxy-policy"),
     "trust_warm_pull": ("regproxy", "regproxy-policy"),
 }
+
+#: Load figures that give the servers' busy cores beside their throughput.
+CORES_FIGURES = (
+    "warm_blob_small",
+    "warm_blob_large",
+    "warm_blob_xlarge",
+    "manifest_digest",
+    "manifest_tag",
+    "s3_warm_blob_small",
+    "s3_warm_blob_large",
+)
 
 TARGETS = {
     "warm_blob_small",
@@ -140,6 +152,15 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
             assert entry["median"] >= 0, f"{key}/{subject}"
             if subject != "distribution" and "median" in figure["subjects"].get("distribution", {}):
                 assert entry["ratio_to_distribution"] is not None, f"{key}/{subject}"
+    # Busy cores beside every load figure's throughput: the server's process tree (nginx's
+    # workers are its master's children) and the load generator's.
+    for key in CORES_FIGURES:
+        for subject, entry in doc["figures"][key]["subjects"].items():
+            if "median" not in entry:
+                continue
+            assert 0 < entry["cores"]["median"] <= (os.cpu_count() or 1) + 0.5, (key, subject)
+            assert len(entry["cores"]["samples"]) == len(entry["samples"]), (key, subject)
+            assert entry["client_cores"]["median"] > 0, (key, subject)
     assert {t["key"] for t in doc["targets"]} == TARGETS
     for target in doc["targets"]:
         distribution = doc["figures"][target["key"]]["subjects"].get("distribution", {})
@@ -148,6 +169,8 @@ def test_bench_quick_run_reports_every_figure(tmp_path: Path) -> None:
     table = md.read_text()
     assert table.startswith("Command: `python -m bench --quick")
     assert "| Warm blob" in table and "Machine:" in table
+    (row,) = [ln for ln in table.splitlines() if ln.startswith("| Warm blob 2 MiB")]
+    assert row.count(" cores") == 3, row  # distribution, regproxy, nginx
 
 
 def test_a_subject_that_failed_is_reported_with_its_reason() -> None:
@@ -196,3 +219,43 @@ def test_a_subject_that_failed_is_reported_with_its_reason() -> None:
     assert cells[1] == "67.0"
     assert cells[2] == "failed: regproxy-s3 did not start: error: unrecognized / --work-dir"
     assert cells[4].endswith("n/a")
+
+
+BURNER = """
+import os, sys, time
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+if os.fork() == 0:  # a worker: the server's child
+    burn(float(sys.argv[1]))
+    os._exit(0)
+burn(float(sys.argv[1]))
+os.wait()
+"""
+
+
+def test_busy_cores_count_every_process_of_a_server() -> None:
+    """A server of two busy processes counts both: its forked worker's CPU is in its cores.
+
+    What regproxy's --workers N and nginx's master + workers need.
+    """
+    import time
+
+    from bench.cores import busy
+    from bench.procs import cpu_seconds
+
+    proc = subprocess.Popen([sys.executable, "-c", BURNER, "1.5"])
+    try:
+        time.sleep(0.3)  # forked and burning
+        own0 = cpu_seconds(proc.pid)
+        with busy(proc.pid) as got:
+            time.sleep(0.8)
+        own = (cpu_seconds(proc.pid) - own0) / got.wall  # the parent process alone
+        assert got.server_cores is not None and own > 0.05
+        # The worker burns as hard as its parent; on a loaded machine both get less than a core
+        # each, but the worker's share is there beside the parent's.
+        assert got.server_cores >= 1.5 * own, (got, own)
+        assert got.server_cores <= (os.cpu_count() or 1) + 0.1, got
+    finally:
+        proc.wait(10)
