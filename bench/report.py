@@ -280,7 +280,7 @@ def markdown(
         f"uvloop {m['uvloop']}; {m['distribution']}; {m['nginx']}; {m['wrk']}; {m['skopeo']}; "
         f"{m['curl']}; regproxy {m['regproxy_commit']}.",
         "",
-        f"Load: {p['connections']} connections, {p['seconds']} s per run; warm blobs with "
+        f"Load: {p['connections']} connections, {p['seconds']} s per run; blobs with "
         f"{_blob_client(p)}, manifests with wrk ({p['threads']} threads); clients on the same "
         "machine as the servers, over loopback. "
         f"Image: {p['image_desc']}."
