@@ -50,6 +50,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "bench/bigload.py, one Python thread per connection, see bench/README.md)",
     )
     parser.add_argument(
+        "--blob-threads", type=int, help="wrk threads for the warm blob figures (default 1)"
+    )
+    parser.add_argument(
         "--regproxy-cmd",
         metavar="CMD",
         help="replaces 'python -m proxy' when starting regproxy (A/B a patched build)",
@@ -83,6 +86,8 @@ def cli(argv: list[str] | None = None) -> int:
     if args.huge_mib is not None:
         params.huge_blob = max(1, args.huge_mib) * MiB
     params.blob_client = args.blob_client
+    if args.blob_threads is not None:
+        params.blob_threads = max(1, args.blob_threads)
     if args.only:
         params.only = [x.strip() for x in args.only.split(",") if x.strip()]
         unknown = set(params.only) - set(SCENARIOS)

@@ -1,8 +1,10 @@
 """A load generator for large responses: ``python -m bench.bigload URL -c 32 -d 5``.
 
-wrk reads into an 8 KiB buffer, so on a 2-core machine it tops out at the same ~600 MB/s
-whatever the server (nginx included): it measures itself. This client keeps one thread per
-connection (``-c``), each sending keep-alive GETs back to back and reading bodies with
+The warm blob figures use wrk (``--blob-client bigload`` selects this one): this is the
+cross-check for large bodies. wrk reads 8 KiB per ``read``, so on 32 and 256 MiB blobs its one
+thread fills its core while nginx or regproxy use a fifth of theirs (bench/README.md, "Which
+client": 1.3-1.8 GB/s from nginx with wrk -t1, 2.7-3.5 GB/s with this). This client keeps one
+thread per connection (``-c``), each sending keep-alive GETs back to back and reading bodies with
 ``recv_into`` a 1 MiB buffer (the GIL is released in the call, so threads hardly contend and the
 bytes are still copied to user space, as a real client's are). It prints one JSON line:
 bytes, requests, seconds, errors. Bounded: it stops at ``-d`` seconds (a response in progress
