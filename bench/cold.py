@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import load, seed, servers
-from bench.procs import LIVE, Server, cpu_seconds, free_port, wait_quiet
+from bench.cores import tree_cpu_seconds
+from bench.procs import LIVE, Server, free_port, wait_quiet
 from bench.report import Figure, Target
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def stream_many(
     urls: list[str], pid: int, expected: int, timeout: float, env: dict[str, str] | None = None
 ) -> ManyResult:
     """GET every URL at once with one curl each; wall time until the last ends, server CPU."""
-    cpu0 = cpu_seconds(pid)
+    cpu0 = tree_cpu_seconds(pid)
     t0 = time.perf_counter()
     procs = []
     try:
@@ -86,7 +87,7 @@ def stream_many(
     # Until the server is idle: what it does after the last byte (storing, publishing) is
     # part of the cold GB's cost.
     wait_quiet([pid])
-    return ManyResult(seconds, total, cpu_seconds(pid) - cpu0)
+    return ManyResult(seconds, total, tree_cpu_seconds(pid) - cpu0)
 
 
 def many_blobs(bench: Bench) -> list[seed.Blob]:

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.cores import busy
-from bench.procs import LIVE, cpu_seconds, run, status_kib, wait_quiet
+from bench.cores import busy, tree_cpu_seconds
+from bench.procs import LIVE, run, status_kib, wait_quiet
 
 WRK_SCRIPT = """\
 done = function(summary, latency, requests)
@@ -242,9 +242,11 @@ class StreamResult:
 def stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
     """GET ``url`` with curl into /dev/null; the server's peak RSS and CPU seconds meanwhile.
 
+    CPU: the server's whole process tree (bench/cores.py); peak RSS: the process ``pid`` only.
+
     Call it on a fresh server process: ``VmHWM`` is the peak over the process's life.
     """
-    cpu0 = cpu_seconds(pid)
+    cpu0 = tree_cpu_seconds(pid)
     t0 = time.perf_counter()
     out = run(
         [
@@ -268,7 +270,7 @@ def stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
     # Until the server is idle: what it does after the last byte (storing, publishing) is
     # part of the cold GB's cost.
     wait_quiet([pid])
-    cpu = cpu_seconds(pid) - cpu0
+    cpu = tree_cpu_seconds(pid) - cpu0
     return StreamResult(seconds, got, status_kib(pid, "VmHWM") / 1024, cpu)
 
 

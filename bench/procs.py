@@ -235,10 +235,11 @@ def wait_quiet(pids: list[int], timeout: float = 30.0) -> float:
 
 
 def _cpu_or_none(pid: int) -> float | None:
-    try:
-        return cpu_seconds(pid)
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
+    """CPU seconds of ``pid`` and its children (a server's workers), None once it is gone."""
+    from bench.cores import tree_cpu
+
+    tree = tree_cpu(pid)
+    return sum(tree.values()) if tree else None
 
 
 def live_pids() -> list[int]:

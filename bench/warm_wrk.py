@@ -18,11 +18,10 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from bench import load, seed, servers
-from bench.procs import cpu_seconds, install_signal_handlers, stop_all, wait_quiet
+from bench.procs import install_signal_handlers, stop_all, wait_quiet
 
 MiB = 1024 * 1024
 
@@ -74,12 +73,14 @@ def main(argv: list[str] | None = None) -> None:
                     for subject in subjects[k:] + subjects[:k]:
                         wait_quiet([s.pid for s in subjects])
                         url = f"{subject.url}/v2/bench/blobs/blobs/{blob.digest}"
-                        cpu0, t0 = cpu_seconds(subject.pid), time.perf_counter()
                         r = load.wrk(
-                            url, seconds=args.seconds, connections=args.connections, threads=1
+                            url,
+                            seconds=args.seconds,
+                            connections=args.connections,
+                            threads=1,
+                            server_pid=subject.pid,  # its process tree (bench/cores.py)
                         )
-                        wall = time.perf_counter() - t0
-                        cores = (cpu_seconds(subject.pid) - cpu0) / wall
+                        cores = r.server_cores or 0.0
                         row = {
                             "rep": rep,
                             "mib": size // MiB,
