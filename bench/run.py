@@ -265,6 +265,7 @@ class Bench:
                 "--rate",
                 "250",
                 "--nonblocking",
+                "--subprocesses",  # regproxy's workers (--workers N) are its children
                 "--output",
                 str(out),
             ],
