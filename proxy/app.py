@@ -63,7 +63,7 @@ from storage.redis import RedisCoordinator, RedisMetadata
 from storage.redis import close as close_redis
 from storage.redis import connect as connect_redis
 
-__all__ = ["AccessLogger", "advertise_url", "create_app", "reload_policy"]
+__all__ = ["AccessLogger", "advertise_url", "create_app", "drain", "reload_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,12 @@ async def _sync_status_of_host(request: web.Request) -> web.StreamResponse:
 
 
 _PASSED_ON = {"content-type", "www-authenticate", "docker-distribution-api-version"}
+
+
+async def drain(app: web.Application, seconds: float) -> None:
+    """Stopping: downloads finish or are handed over
+    (:meth:`proxy.fetch.downloads.Downloads.drain`)."""
+    await app[BLOBS].fetcher.drain(seconds)
 
 
 def advertise_url(config: Config) -> str:

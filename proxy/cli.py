@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes sharing the port and the cache (default: one per CPU it may run on)",
     )
     serve.add_argument(
+        "--drain-timeout",
+        metavar="DURATION",
+        help="on SIGTERM, let downloads finish this long, then hand them over (default 20s)",
+    )
+    serve.add_argument(
         "--upstream-username", metavar="USER", help="username for the default upstream"
     )
     serve.add_argument(
@@ -215,6 +220,7 @@ FLAG_PATHS = {
     "head_timeout": "head_timeout",
     "drain_delay": "drain_delay",
     "workers": "workers",
+    "drain_timeout": "drain_timeout",
     "upstream_username": "upstream_username",
     "upstream_password_file": "upstream_password_file",
     "max_size": "cache.max_size",
@@ -263,7 +269,8 @@ def setup_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     setup_logging(config.log_level)
-    from proxy.app import AccessLogger, create_app  # late: start-up errors above print faster
+    # late: start-up errors above print faster
+    from proxy.app import AccessLogger, create_app, drain
 
     ssl_context = None
     if config.tls_cert and config.tls_key:
@@ -297,6 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             head_timeout=config.head_timeout,
             on_reload=_reloader(app, args),
             drain_delay=config.drain_delay,
+            drain=lambda: drain(app, config.drain_timeout),
         )
     )
     return 0

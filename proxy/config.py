@@ -88,6 +88,9 @@ class Config:
     #: Seconds between SIGTERM and closing the listener, /readyz answering 503 meanwhile
     #: (load balancers stop sending first); defaults to 0.
     drain_delay: float = 0.0
+    #: Seconds a stopping replica (SIGTERM) lets its downloads finish before it hands the rest
+    #: over to the other replicas (``proxy.fetch.fleet``) and exits; defaults to 20.
+    drain_timeout: float = 20.0
     #: Upstreams by name; defaults to Docker Hub as ``docker.io``.
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     #: The upstream for requests that name none; defaults to ``docker.io``.
@@ -149,6 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("head_timeout", "--head-timeout"),
     Setting("drain_delay", "--drain-delay"),
     Setting("workers", "--workers"),
+    Setting("drain_timeout", "--drain-timeout"),
     Setting("upstream_username", "--upstream-username"),
     Setting("upstream_password_file", "--upstream-password-file"),
     Setting("upstream_password"),  # environment or file only: never a flag
@@ -295,6 +299,8 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         kwargs["drain_delay"] = field_of(raw, "drain_delay", parse_duration)
     if raw.get("workers") not in (None, ""):
         kwargs["workers"] = field_of(raw, "workers", parse_workers)
+    if "drain_timeout" in raw:
+        kwargs["drain_timeout"] = field_of(raw, "drain_timeout", parse_duration)
     if "offline" in raw:
         kwargs["offline"] = field_of(raw, "offline", parse_bool)
     for key in ("tls_cert", "tls_key"):

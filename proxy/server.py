@@ -11,13 +11,12 @@ forwards everything else to it unchanged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
 import ssl
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -179,11 +178,13 @@ async def serve(
     ready: Callable[[], None] | None = None,
     on_reload: Callable[[], None] | None = None,
     drain_delay: float = 0.0,
+    drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Run ``app`` until SIGTERM or SIGINT, then shut down gracefully: /readyz answers 503
-    at once, requests are still served for ``drain_delay`` seconds (load balancers take the
-    replica out meanwhile; a second signal ends the wait), then the listener closes. SIGHUP
-    calls ``on_reload`` (which logs its own failures).
+    at once, and requests are still served for ``drain_delay`` seconds (load balancers take the
+    replica out meanwhile) and while ``drain`` runs (downloads finish or are handed over to
+    other replicas), whichever ends later; a second signal ends the wait. Then the listener
+    closes. SIGHUP calls ``on_reload`` (which logs its own failures).
 
     ``sockets``: listen on these (bound by the parent of the workers) instead of ``host:port``;
     ``peer_socket``: also serve plain HTTP there (a worker's loopback address for the others);
@@ -229,9 +230,21 @@ async def serve(
         draining = app.get(DRAINING)
         if draining is not None:
             draining.set()
+        waits: list[asyncio.Future[None]] = []
         if drain_delay > 0:
             log.info("draining: /readyz answers 503, serving %gs more", drain_delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), drain_delay)
+            waits.append(asyncio.ensure_future(asyncio.sleep(drain_delay)))
+        if drain is not None:
+            waits.append(asyncio.ensure_future(drain()))
+        second = asyncio.ensure_future(stop.wait())
+        pending = set(waits)
+        while pending and not second.done():
+            _, pending = await asyncio.wait({*pending, second}, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(second)
+        for task in (*waits, second):
+            task.cancel()
+        for result in await asyncio.gather(*waits, second, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("draining failed error=%r", result)
     finally:
         await runner.cleanup()

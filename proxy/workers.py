@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.multiprocess import mark_process_dead
 
-from proxy.app import AccessLogger, create_app
+from proxy.app import AccessLogger, create_app, drain
 from proxy.config import Config, ConfigError
 from proxy.server import serve
 from storage.host import Worker
@@ -326,6 +326,7 @@ def serve_workers(
                 ready=ready,
                 on_reload=reloader(app),
                 drain_delay=config.drain_delay,
+                drain=lambda: drain(app, config.drain_timeout),
             )
         )
         return 0
@@ -337,7 +338,7 @@ def serve_workers(
             sockets,
             worker,
             metrics_dir=str(run_dir / "metrics"),
-            stop_grace=config.drain_delay + STOP_GRACE,
+            stop_grace=max(config.drain_delay, config.drain_timeout) + STOP_GRACE,
         )
     finally:
         _close(sockets)

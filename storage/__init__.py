@@ -51,11 +51,10 @@ With ``--redis`` (keys made by ``storage.redis.key`` only; every record is also 
     regproxy:access                                     ZSET digest -> last use (unix time);
                                                         eviction reads it in pages and drops
                                                         what is gone (purge does too)
-    regproxy:lock:blob:<digest>                         the replica downloading it (30 s TTL,
-                                                        refreshed while it runs)
-    regproxy:inflight:<digest>                          {"url","size","owner","upstream",
-                                                        "repository"}: where other replicas
-                                                        stream the download from
+    regproxy:lock:blob:<digest>                         the replica downloading it: {"owner",
+                                                        "url","upstream","repository"} (where
+                                                        others stream it from); 6 s TTL, renewed
+                                                        by its owner while it runs
     regproxy:peer-token                                 the secret replicas show each other
     regproxy:sync:lease:<upstream>:<repository>:<id>    the replica running a sync entry now
     regproxy:sync:status:<upstream>:<repository>:<id>   that entry's last result (proxy.ops.sync)

@@ -54,6 +54,11 @@ class BlobWriter(Protocol):
     async def write(self, data: bytes) -> None:
         """Append ``data``. Raises StorageError (disk full, object store away)."""
 
+    async def make_durable(self) -> None:
+        """From now on, publish to the store itself, the bytes written so far included (a
+        writer that only filled a local read tier, taking over a download; a no-op for a
+        writer that publishes anyway)."""
+
     async def commit(
         self,
         expected_digest: str,

@@ -42,8 +42,12 @@ from storage.content import ContentStore, parse_tag
 log = logging.getLogger(__name__)
 
 PREFIX = "regproxy"
-LOCK_TTL_MS = 30_000
 ACCESS_PAGE = 1000
+#: A blob's download lock lives this long unless its owner renews it (every
+#: ``BLOB_LOCK_RENEW`` seconds): a replica that dies without releasing it holds it at most this
+#: long (see ``proxy.fetch.fleet``).
+BLOB_LOCK_TTL_MS = 6_000
+BLOB_LOCK_RENEW = 1.5
 T = TypeVar("T")
 _AWAY = object()
 #: ZREM of each member (ARGV[2:]) whose score is below ARGV[1]: a replica that used the digest
@@ -285,8 +289,37 @@ class RedisMetadata:
         return gone
 
 
+@dataclass(frozen=True)
+class BlobLock:
+    """Who holds a blob's download lock: its value in Redis, parsed."""
+
+    #: The value as stored: what :meth:`RedisCoordinator.release_dead` compares.
+    raw: bytes
+    owner: str
+    url: str
+    upstream: str
+    repository: str
+
+
+#: A compare-and-delete: delete KEYS[1] only while it holds ARGV[1].
+_DELETE_IF = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+#: A compare-and-expire: renew KEYS[1]'s time to live (ARGV[2] ms) only while it holds ARGV[1].
+_RENEW_IF = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+
+
 class RedisCoordinator:
-    """Cross-replica single flight for blob downloads, and shared access times."""
+    """Cross-replica single flight for blob downloads, and shared access times.
+
+    A blob's lock (``regproxy:lock:blob:<digest>``) says who downloads it and where it can be
+    streamed from (its value is a :class:`BlobLock`); it lives ``BLOB_LOCK_TTL_MS`` unless its
+    owner renews it, and only its owner renews or deletes it, except that a replica which finds
+    the owner gone (:meth:`release_dead`) deletes that very value, never a newer owner's.
+    """
 
     def __init__(self, client: aioredis.Redis, instance: str) -> None:
         self.client = client
@@ -295,57 +328,76 @@ class RedisCoordinator:
         #: Members of the access set read (or removed) per command.
         self.page = ACCESS_PAGE
         self._forget = client.register_script(_FORGET)
+        #: The lock values this replica set, by digest.
+        self._held: dict[str, bytes] = {}
 
-    async def acquire(self, digest: str) -> bool | None:
-        """True: we own the download. False: another replica does. None: Redis is away."""
+    async def acquire(
+        self, digest: str, url: str = "", upstream: str = "", repository: str = ""
+    ) -> bool | None:
+        """True: we own the download (reachable at ``url``). False: another replica does.
+        None: Redis is away."""
+        value = json.dumps(
+            {"owner": self.instance, "url": url, "upstream": upstream, "repository": repository}
+        ).encode()
 
         async def call() -> object:
             return await self.client.set(
-                key("lock", "blob", digest), self.instance, nx=True, px=LOCK_TTL_MS
+                key("lock", "blob", digest), value, nx=True, px=BLOB_LOCK_TTL_MS
             )
 
         ok = await self.guard(call, _AWAY)
-        return None if ok is _AWAY else bool(ok)
+        if ok is _AWAY:
+            return None
+        if ok:
+            self._held[digest] = value
+        return bool(ok)
 
-    async def refresh(self, digest: str) -> None:
-        await self.guard(
-            lambda: self.client.pexpire(key("lock", "blob", digest), LOCK_TTL_MS), None
-        )
+    async def refresh(self, digest: str) -> bool:
+        """Renew our lock; False once it is no longer ours (it expired, or was found dead)."""
+        value = self._held.get(digest)
+        if value is None:
+            return False
+
+        async def call() -> object:
+            return await self.client.eval(
+                _RENEW_IF, 1, key("lock", "blob", digest), value, BLOB_LOCK_TTL_MS
+            )
+
+        renewed = await self.guard(call, _AWAY)
+        return renewed is _AWAY or bool(renewed)  # Redis away: ours until it says otherwise
 
     async def release(self, digest: str) -> None:
-        async def call() -> None:
-            lock = key("lock", "blob", digest)
-            if await self.client.get(lock) == self.instance.encode():
-                await self.client.delete(lock, key("inflight", digest))
+        value = self._held.pop(digest, None)
+        if value is not None:
+            await self.guard(
+                lambda: self.client.eval(_DELETE_IF, 1, key("lock", "blob", digest), value), None
+            )
 
-        await self.guard(call, None)
-
-    async def publish(
-        self, digest: str, url: str, size: int | None, upstream: str, repository: str
-    ) -> None:
-        """Say that this replica, reachable at ``url``, downloads ``digest``."""
-        value = json.dumps(
-            {
-                "url": url,
-                "size": size,
-                "owner": self.instance,
-                "upstream": upstream,
-                "repository": repository,
-            }
+    async def release_dead(self, digest: str, lock: BlobLock) -> bool:
+        """Delete ``lock`` (read earlier) if it still holds the blob: its owner was found gone."""
+        deleted = await self.guard(
+            lambda: self.client.eval(_DELETE_IF, 1, key("lock", "blob", digest), lock.raw), 0
         )
-        await self.guard(
-            lambda: self.client.set(key("inflight", digest), value, px=LOCK_TTL_MS * 4), None
-        )
+        return bool(deleted)
 
-    async def inflight(self, digest: str) -> dict[str, Any] | None:
-        raw = await self.guard(lambda: self.client.get(key("inflight", digest)), None)
+    async def inflight(self, digest: str) -> BlobLock | None:
+        """Who holds the blob's lock (None: nobody, or Redis is away)."""
+        raw = await self.guard(lambda: self.client.get(key("lock", "blob", digest)), None)
         if raw is None:
             return None
+        raw = raw if isinstance(raw, bytes) else str(raw).encode()
         try:
-            info: dict[str, Any] = json.loads(raw)
-        except ValueError:
-            return None
-        return info
+            info = json.loads(raw)
+            return BlobLock(
+                raw,
+                str(info["owner"]),
+                str(info.get("url") or ""),
+                str(info.get("upstream") or ""),
+                str(info.get("repository") or ""),
+            )
+        except (ValueError, TypeError, KeyError):
+            # A lock set by an older replica (its instance id only): held, not followable.
+            return BlobLock(raw, raw.decode(errors="replace"), "", "", "")
 
     async def locked(self, digest: str) -> bool:
         return bool(await self.guard(lambda: self.client.exists(key("lock", "blob", digest)), 0))

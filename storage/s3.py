@@ -140,14 +140,28 @@ class S3Writer(SpoolWriter):
         self._record.unlink(missing_ok=True)
 
 
-class TierWriter(SpoolWriter):
-    """Fill the local tier from a read of the bucket; nothing is uploaded."""
+class TierWriter(S3Writer):
+    """Fill the local tier from a read of the bucket (or of a peer); nothing is uploaded unless
+    :meth:`make_durable` is called (this replica took a download over from a peer that died):
+    from then on it uploads like an :class:`S3Writer`, the parts already spooled included."""
 
     def __init__(self, driver: S3Driver, key: str, algorithm: str) -> None:
-        super().__init__(driver.tmp_dir, key, algorithm)
-        self._driver = driver
+        super().__init__(driver, key, algorithm)
+        self._uploading = False
+
+    async def make_durable(self) -> None:
+        if not self._uploading:
+            self._uploading = True
+            await super()._written(0)
+
+    async def _written(self, before: int) -> None:
+        if self._uploading:
+            await super()._written(before)
 
     async def _publish(self) -> None:
+        if self._uploading:
+            await super()._publish()
+            return
         self._close_fd()
         final = self._driver.tier.adopt(self.path, self.key, self.size)
         if final is not None:

@@ -141,6 +141,9 @@ class SpoolWriter:
     async def write(self, data: bytes) -> None:
         await self.write_chunks((data,))
 
+    async def make_durable(self) -> None:
+        """Publish to the store, not only locally (see ``BlobWriter``): this writer does."""
+
     async def write_chunks(self, chunks: Sequence[bytes]) -> None:
         """Append ``chunks`` in order (one thread hop for all of them, no joining copy)."""
         total = sum(len(c) for c in chunks)

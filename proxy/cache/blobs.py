@@ -367,15 +367,24 @@ async def stream_download(
     store: ContentStore,
     *,
     cache: Cache = Cache.MISS,
+    start: int = 0,
 ) -> web.StreamResponse:
-    """Follow ``dl``'s local file to the client, holding the last byte until it is verified."""
-    resp = miss_response(digest, dl.size, cache)
+    """Follow ``dl``'s local file to the client, holding the last byte until it is verified.
+
+    ``start``: from that byte on, as a ``206`` (a peer that has the bytes before it; the size
+    must be known).
+    """
+    resp = miss_response(digest, None if dl.size is None else dl.size - start, cache)
+    if start:
+        assert dl.size is not None
+        resp.set_status(206)
+        resp.headers["Content-Range"] = f"bytes {start}-{dl.size - 1}/{dl.size}"
     request[CACHE_RESULT] = cache
     try:
         fd = _open_download(dl, store)
     except UpstreamError as exc:
         raise to_registry_error(exc, not_found=BlobUnknown) from exc
-    offset = 0
+    offset = start
     try:
         writer = await resp.prepare(request)
         # sendfile needs a known length (no chunked framing) and a plain TCP transport

@@ -81,6 +81,33 @@ class Downloads:
     def __len__(self) -> int:
         return len(self.running)
 
+    async def drain(self, seconds: float) -> None:
+        """Stopping (SIGTERM): let the downloads in flight finish for up to ``seconds``
+        (peers and clients are still served meanwhile), then hand the rest over to the fleet:
+        the locks this replica holds are deleted before its downloads stop, so the replicas
+        following them take over at once (``proxy.fetch.fleet``)."""
+        deadline = time.monotonic() + seconds
+        while self._tasks and (left := deadline - time.monotonic()) > 0:
+            log.info("draining: waiting for %d downloads (%.0f s left)", len(self._tasks), left)
+            await asyncio.wait(list(self._tasks), timeout=left)
+        unfinished = [(task, dl) for task, dl in self._tasks.items() if not dl.verified]
+        if not unfinished:
+            return
+        coordinator = self.coordinator
+        handed = [dl.digest for _, dl in unfinished if dl.digest in self.fleet.owned]
+        if coordinator is not None:
+            for digest in handed:
+                await coordinator.release(digest)
+        log.warning(
+            "draining: %d downloads unfinished after %.0f s, %d handed over to other replicas",
+            len(unfinished),
+            seconds,
+            len(handed),
+        )
+        for task, _ in unfinished:
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in unfinished), return_exceptions=True)
+
     async def close(self) -> None:
         # Clients of a verified download have their bytes already: let it become durable (the
         # fsync and rename, the upload's completion) rather than lose it to a restart.
@@ -359,8 +386,10 @@ class Downloads:
     # -- from the store (fill the local tier) --------------------------------------------------
 
     async def from_store(self, dl: Download) -> None:
+        # A download that had bytes from a peer goes on after them, into the same writer.
+        offset = dl.written
         local = self.store.local_blob(dl.digest)
-        if local is not None:  # every committed blob is local here (the filesystem store)
+        if local is not None and dl.writer is None:  # the filesystem store: all of it is local
             dl.size = dl.written = local.size
             dl.committed = True
             if not dl.started.done():
@@ -368,7 +397,7 @@ class Downloads:
             dl.notify()
             return
         size = await self.store.stat_blob(dl.digest)
-        if size is not None:
+        if size is not None and dl.writer is None:
             await self._store_in_thread(dl, size)
         if size is None or dl.written < size:
             # No presigned read, or it stopped short: the rest through the store's own client.
@@ -395,6 +424,8 @@ class Downloads:
         try:
             await self.commit(dl)
         except UpstreamContentError:
+            if offset:
+                raise  # which part was wrong, the peer's or the store's, is not known
             # The object store holds bytes that are not this digest: never serve them again.
             log.error("stored blob does not match its digest, deleting it digest=%s", dl.digest)
             await self.store.delete_blob(dl.digest)

@@ -37,6 +37,7 @@ from proxy.core.errors import (
     Denied,
     ManifestInvalid,
     NameInvalid,
+    RangeInvalid,
     Unsupported,
 )
 from proxy.core.media import INDEX_TYPES, OCI_INDEX
@@ -318,7 +319,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 async def handle_peer_blob(request: web.Request) -> web.StreamResponse:
-    """Another replica streams a blob this one is downloading (or holds locally)."""
+    """Another replica streams a blob this one is downloading (or holds locally), from the
+    byte it asks for (``Range: bytes=N-``: it has the bytes before, from an owner that died).
+
+    404 when this replica has neither: the asking replica then knows its owner is gone.
+    """
     request["route"] = "peer"
     blobs = request.app[BLOBS]
     token = blobs.fetcher.peer_token
@@ -327,10 +332,24 @@ async def handle_peer_blob(request: web.Request) -> web.StreamResponse:
         raise Denied(message="peer requests need the fleet's secret")
     digest = request.match_info["digest"]
     check_digest(digest)
+    try:
+        wanted = request.http_range
+    except ValueError:
+        raise RangeInvalid({"range": request.headers.get("Range", "")[:100]}) from None
+    start = wanted.start or 0
+    if wanted.stop is not None or start < 0:
+        raise RangeInvalid({"range": request.headers.get("Range", "")[:100]})
     dl = blobs.downloads.get(digest)
-    if dl is not None and not dl.done and dl.source != "peer":
-        await dl.started
-        return await stream_download(request, dl, digest, blobs.store)
+    if dl is not None and not dl.done:
+        try:
+            await dl.started
+        except Exception:
+            raise BlobUnknown({"digest": digest}) from None
+        if not start:
+            return await stream_download(request, dl, digest, blobs.store)
+        if dl.size is not None and start < dl.size:
+            return await stream_download(request, dl, digest, blobs.store, start=start)
+        raise RangeInvalid({"range": request.headers.get("Range", "")[:100]})
     local = blobs.store.local_blob(digest)
     if local is None:
         # with workers, a replica's request lands on any worker of this host: pass on the
