@@ -2,16 +2,16 @@
 
 :class:`RedisMetadata` keeps tag answers, source mappings and other records in Redis and writes
 them through to the store too (a directory or a bucket); reads prefer Redis.
-:class:`RedisCoordinator` gives a cross-replica single-flight lock for blob downloads and
-publishes the owner's ``--advertise-url``, so another replica can stream the download from it
-instead of fetching upstream again; the fleet's shared secret for peer requests lives here too.
+:class:`RedisCoordinator` gives a cross-replica single-flight lock for blob downloads whose
+value names the owner's ``--advertise-url``, so another replica can stream the download from it
+instead of fetching upstream again, and take it over when the owner dies
+(``proxy.fetch.fleet``); the fleet's shared secret for peer requests lives here too.
 
 Redis can fail over: ``redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``
 names Redis Sentinels instead of a server (:func:`connect`); the client asks them for the primary
 of ``SERVICE`` and asks again when it goes away or turns into a replica. Redis Cluster is not
-supported: releasing a blob's lock deletes the lock and the in-flight record in one ``DEL``
-(two keys, two hash slots), and the metadata is small enough for one primary; Sentinel is how
-this Redis survives losing a node.
+supported: a purge deletes a repository's keys in one ``DEL`` (keys in many hash slots), and
+the metadata is small enough for one primary; Sentinel is how this Redis survives losing a node.
 
 Redis is a help, never a dependency of a pull: every call that fails (refused, timeout, any
 ``redis.RedisError``) is logged (at most every 30 s) and the caller falls back to the filesystem
@@ -398,6 +398,11 @@ class RedisCoordinator:
         except (ValueError, TypeError, KeyError):
             # A lock set by an older replica (its instance id only): held, not followable.
             return BlobLock(raw, raw.decode(errors="replace"), "", "", "")
+
+    async def lock_ttl(self, digest: str) -> int | None:
+        """Milliseconds the blob's lock has left (it jumps up when its owner renews it)."""
+        ms = await self.guard(lambda: self.client.pttl(key("lock", "blob", digest)), -2)
+        return int(ms) if int(ms) >= 0 else None
 
     async def locked(self, digest: str) -> bool:
         return bool(await self.guard(lambda: self.client.exists(key("lock", "blob", digest)), 0))

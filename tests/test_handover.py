@@ -12,6 +12,8 @@ import asyncio
 import concurrent.futures
 import hashlib
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ import aiohttp
 import pytest
 import redis
 
+from storage.redis import RedisCoordinator, connect
+from tests.harness import proxyproc
 from tests.harness.front import Drip, Front, blob
 from tests.harness.images import SeededImage, seed_image
 from tests.harness.proxyproc import ProxyProcess
@@ -64,8 +68,8 @@ class Stream:
         self.done_at = time.monotonic()
 
 
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -105,14 +109,24 @@ def fleet(
         )
 
 
-@pytest.mark.parametrize("when", ["first bytes", "middle", "last MiB"])
-async def test_killing_the_downloading_replica_cuts_no_client_of_the_others(
+@pytest.mark.parametrize(
+    ("how", "when"),
+    [
+        ("SIGKILL", "first bytes"),
+        ("SIGKILL", "middle"),
+        ("SIGKILL", "last MiB"),
+        ("SIGTERM", "middle"),  # with a drain shorter than the download: handed over
+        ("SIGSTOP", "middle"),  # as a network cut: silent, its lock no longer renewed
+    ],
+)
+async def test_losing_the_downloading_replica_cuts_no_client_of_the_others(
+    how: str,
     when: str,
+    redis_server: RedisServer,  # first: it stops after the replicas
     registry: Registry,
     front: FrontFactory,
     proxy_factory: ProxyFactory,
     seaweed: SeaweedS3,
-    redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
     size = 6 * MiB
@@ -124,7 +138,9 @@ async def test_killing_the_downloading_replica_cuts_no_client_of_the_others(
     upstream = front(registry)
     upstream.add_fault(blob(digest, "GET"), Drip(2 * MiB))  # the first GET: about 3 s
     bucket = seaweed.bucket()
-    owner, *others = fleet(proxy_factory, seaweed, bucket, upstream, redis_server, tmp_path)
+    owner, *others = fleet(
+        proxy_factory, seaweed, bucket, upstream, redis_server, tmp_path, "--drain-timeout", "1s"
+    )
     path = f"/v2/library/handover/blobs/{digest}"
 
     first = Stream(owner.url + path)
@@ -135,14 +151,29 @@ async def test_killing_the_downloading_replica_cuts_no_client_of_the_others(
     threshold = {"first bytes": 1, "middle": len(data) // 2, "last MiB": len(data) - MiB}[when]
     await until(lambda: min(s.received for s in streams) >= threshold, 20, f"{when} streamed")
     assert max(s.received for s in streams) < len(data)  # still under way
-    owner.kill9()
     killed_at = time.monotonic()
-    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    # how soon the others go on: a dead owner is found by its refused address, a stopping one
+    # releases its lock, a silent one's lock expires (6 s) once its stream was silent (5 s)
+    within = 4.0
+    if how == "SIGKILL":
+        owner.kill9()
+    elif how == "SIGTERM":
+        tasks.append(asyncio.create_task(asyncio.to_thread(owner.stop)))
+        within += 1.0  # it hands over after its drain timeout
+    else:
+        assert owner.pid is not None
+        os.kill(owner.pid, signal.SIGSTOP)
+        within += 6.0
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks[1:]), 30)
+    finally:
+        if how == "SIGSTOP":
+            owner.kill9()
+    await asyncio.wait_for(tasks[0], 10)
 
     for s in streams:
         assert (s.error, s.status, s.received, s.digest) == (None, 200, len(data), digest), s.url
-    # within seconds: a dead owner is found by its refused address, not by its lock's TTL (6 s)
-    assert max(s.done_at or 0 for s in streams) - killed_at < 4.0
+    assert max(s.done_at or 0 for s in streams) - killed_at < within
     gets = [r for r in upstream.requests if r.method == "GET" and r.path.endswith(digest)]
     assert len(gets) == 2  # the first, and one resume by the replica that took over
     resumed_at = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
@@ -167,16 +198,19 @@ class Pulls:
     rerouted: int = 0
     turn: int = 0
 
-    def pick(self) -> ProxyProcess:
+    def pick(self, via: int | None) -> ProxyProcess:
+        if via is not None and via not in self.down:
+            return self.replicas[via]
         up = [r for i, r in enumerate(self.replicas) if i not in self.down]
         self.turn += 1
         return up[self.turn % len(up)]
 
-    async def get(self, path: str) -> tuple[int, bytes]:
-        """GET through the next replica up; a connection refused before any answer (the pod is
-        gone from the Service a moment late) goes to the next one, a cut body is a failure."""
+    async def get(self, path: str, via: int | None) -> tuple[int, bytes]:
+        """GET through replica ``via`` (or the next one up); a connection refused before any
+        answer (the pod is gone from the Service a moment late) goes to the next one; a body cut
+        short is a failure."""
         for _ in range(5):
-            replica = self.pick()
+            replica = self.pick(via)
             try:
                 async with (
                     aiohttp.ClientSession(
@@ -187,15 +221,16 @@ class Pulls:
                     return resp.status, await resp.read()
             except aiohttp.ClientConnectorError:
                 self.rerouted += 1
+                via = None
                 await asyncio.sleep(0.05)
         raise AssertionError(f"no replica answered {path}")
 
-    async def pull(self, image: SeededImage) -> None:
+    async def pull(self, image: SeededImage, via: int | None = None) -> None:
         try:
-            status, body = await self.get(f"/v2/{image.repository}/manifests/{image.tag}")
+            status, body = await self.get(f"/v2/{image.repository}/manifests/{image.tag}", via)
             assert (status, body) == (200, image.raw), f"manifest {status}"
             answers = await asyncio.gather(
-                *(self.get(f"/v2/{image.repository}/blobs/{d}") for d in image.blobs)
+                *(self.get(f"/v2/{image.repository}/blobs/{d}", via) for d in image.blobs)
             )
             for (status, body), (digest, data) in zip(answers, image.blobs.items(), strict=True):
                 assert status == 200 and body == data, f"{digest}: {status}, {len(body)} bytes"
@@ -205,12 +240,13 @@ class Pulls:
 
 
 async def test_rolling_restart_under_pulls_every_pull_exact(
+    redis_server: RedisServer,  # first: it stops after the replicas
     registry: Registry,
     front: FrontFactory,
     proxy_factory: ProxyFactory,
     seaweed: SeaweedS3,
-    redis_server: RedisServer,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     images = [
         seed_image(
@@ -221,13 +257,18 @@ async def test_rolling_restart_under_pulls_every_pull_exact(
             single=True,
             layer_sizes=(2 * MiB, 300_000),
         )
-        for i in range(8)
+        for i in range(4)
     ]
+    warm, cold = images[0], images[1:]
     upstream = front(registry)
-    for image in images:  # each cold layer takes about a second to come
+    # The first restart meets a layer that takes about 12 s: longer than the 5 + 5 s aiohttp
+    # gives requests under way once the listener is closed, shorter than the drain; the others
+    # a layer of about 2 s.
+    for image, rate in zip(cold, (170 * 1024, MiB, MiB), strict=True):
         for digest, data in image.blobs.items():
             if len(data) > MiB:
-                upstream.add_fault(blob(digest, "GET"), Drip(2 * MiB), times=2)
+                upstream.add_fault(blob(digest, "GET"), Drip(rate), times=2)
+    monkeypatch.setattr(proxyproc, "STOP_TIMEOUT", 20.0)  # SIGKILL after 20 s, not 10 s
     bucket = seaweed.bucket()
     replicas = fleet(
         proxy_factory,
@@ -237,36 +278,66 @@ async def test_rolling_restart_under_pulls_every_pull_exact(
         redis_server,
         tmp_path,
         "--drain-timeout",
-        "8s",  # within the harness's 10 s between SIGTERM and SIGKILL
+        "15s",
     )
     pulls = Pulls(replicas)
+    await pulls.pull(warm)
     stop = asyncio.Event()
 
-    async def loop(offset: int) -> None:
-        turn = offset
+    async def loop() -> None:
         while not stop.is_set():
-            # the same image twice at once: two replicas follow one download
-            image = images[turn % len(images)]
-            await asyncio.gather(pulls.pull(image), pulls.pull(image))
-            turn += 1
+            await pulls.pull(warm)
+            await asyncio.sleep(0.1)
 
-    workers = [asyncio.create_task(loop(i * 3)) for i in range(2)]
+    background = asyncio.create_task(loop())
     try:
         for i, replica in enumerate(replicas):
-            await asyncio.sleep(1.0)
+            # A cold image pulled through every replica at once, the one to stop included;
+            # one replica downloads its layer, the others follow.
+            wave = asyncio.gather(*(pulls.pull(cold[i], via) for via in range(3)))
+            await asyncio.sleep(1.0)  # under way
             stopping = asyncio.create_task(asyncio.to_thread(replica.stop))
             await asyncio.sleep(0.3)  # requests still arrive for a moment after SIGTERM
             pulls.down.add(i)
             assert await stopping == 0
+            await wave
             await asyncio.to_thread(replica.start)
             pulls.down.discard(i)
-        await asyncio.sleep(1.0)
     finally:
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*workers), 60)
+        await asyncio.wait_for(background, 30)
 
     assert pulls.failures == []
-    assert pulls.exact >= 20
-    for image in images:
+    assert pulls.exact >= 3 * 3 + 10
+    for image in cold:
         for digest in image.blobs:
             assert upstream.count("GET", f"/blobs/{digest}") <= 2, digest
+
+
+async def test_a_dead_owners_lock_is_deleted_never_a_newer_owners(
+    redis_server: RedisServer,
+) -> None:
+    digest = "sha256:" + "ab" * 32
+    a, b, c = (RedisCoordinator(connect(redis_server.url), name) for name in "abc")
+    try:
+        assert await a.acquire(digest, "http://a:5000", "docker.io", "library/x") is True
+        assert await b.acquire(digest, "http://b:5000", "docker.io", "library/x") is False
+        seen = await b.inflight(digest)
+        assert seen is not None
+        assert (seen.owner, seen.url, seen.repository) == ("a", "http://a:5000", "library/x")
+        assert 0 < await b.client.pttl(f"regproxy:lock:blob:{digest}") <= 6000
+        # a is found gone: b deletes a's lock, and c takes it
+        assert await b.release_dead(digest, seen) is True
+        assert await c.acquire(digest, "http://c:5000", "docker.io", "library/x") is True
+        # a stale verdict on a, a's late renewal and release: none touches c's lock
+        assert await b.release_dead(digest, seen) is False
+        assert await a.refresh(digest) is False
+        await a.release(digest)
+        now = await b.inflight(digest)
+        assert now is not None and now.owner == "c"
+        assert await c.refresh(digest) is True
+        await c.release(digest)
+        assert await b.inflight(digest) is None
+    finally:
+        for coordinator in (a, b, c):
+            await coordinator.client.aclose()

@@ -15,20 +15,23 @@ owner again from the byte it has (``Range``):
 * the owner refuses the connection, or no longer has the download (a restarted process on the
   same address): it is gone, and the follower deletes that owner's lock at once (only that
   value: never a newer owner's);
-* no answer at all (a network cut): the lock expires within 6 s of the owner's last renewal.
+* the stream fell silent (a network cut, a frozen process): the follower watches the owner's
+  lock; renewed, the owner is alive and is asked again; expired (6 s after the owner's last
+  renewal), it is gone.
 
 Once the lock is free, every follower races for it. The winner makes its writer durable (with
 S3 it starts uploading the parts it already has), resumes from upstream with
-``Range: bytes=<what it has>-`` and publishes itself as the new owner; the others follow the
+``Range: bytes=<what it has>-``, its lock naming it as the new owner; the others follow the
 new owner from their own offsets, or read the committed blob from the store. So a replica's
 death costs one more upstream GET for the blob fleet-wide (a resume, not the whole blob), and
 the clients of the other replicas get every byte, verified, without a cut: after SIGKILL within
-about a second, after a network cut within about 6-10 s. What it does not promise: the dead
+about a second, after a network cut within about 6-7 s. What it does not promise: the dead
 replica's own clients are cut (their connection was to it); two owners at once if Redis loses
 the lock (Redis failed over, or was unreachable from the owner for 6 s): then two GETs, and each
 replica's bytes are still verified on their own; a replica that is alive but unreachable by its
 peers while it still reaches Redis is waited for (its followers read the blob from the store
-once it is committed) and never taken over.
+once it is committed, and fail their clients after ``FOLLOW_STALL`` without a byte) and never
+taken over.
 
 A SIGTERM'd replica (``Downloads.drain``) first lets its downloads finish for up to its drain
 timeout, still serving peers; then it hands the rest over: it deletes its locks before it stops
@@ -48,17 +51,19 @@ from proxy.core.errors import UpstreamContentError, UpstreamStatus, UpstreamUnre
 from proxy.fetch.download import PEER_HEADER, PEER_PATH, Download
 from proxy.fetch.spool import Spool, chunks
 from storage.content import ContentStore
+from storage.redis import BLOB_LOCK_RENEW, BLOB_LOCK_TTL_MS
 
 if TYPE_CHECKING:
-    from storage.redis import RedisCoordinator
+    from storage.redis import BlobLock, RedisCoordinator
 
 log = logging.getLogger(__name__)
 
 #: Seconds a peer stream may stay silent before the follower asks the owner again.
 PEER_READ_TIMEOUT = 5.0
 PEER_CONNECT_TIMEOUT = 2.0
-#: Seconds between renewals of an owned lock (it lives 6 s, ``storage.redis.BLOB_LOCK_TTL_MS``).
-LOCK_RENEW = 1.5
+#: Seconds between renewals of an owned lock, and how long it lives without them.
+LOCK_RENEW = BLOB_LOCK_RENEW
+LOCK_TTL = BLOB_LOCK_TTL_MS / 1000
 #: A follower gives up when no byte came for this long (no owner, no store, no lock to take).
 FOLLOW_STALL = 60.0
 
@@ -217,7 +222,6 @@ class Fleet:
                         )
                     continue
                 except (UpstreamStatus, aiohttp.ClientError, TimeoutError) as exc:
-                    # Broken mid-stream or silent: the next turn asks the owner again.
                     log.info(
                         "peer stream broke digest=%s owner=%s offset=%d error=%r",
                         dl.digest,
@@ -225,7 +229,29 @@ class Fleet:
                         dl.written,
                         exc,
                     )
+                    if isinstance(exc, TimeoutError) and not await self._renewed(
+                        dl, coordinator, lock
+                    ):
+                        continue  # silent, and its lock gone: race for it
+                    # broken, or silent but alive: the next turn asks the owner again
             await asyncio.sleep(0.05)
+
+    async def _renewed(self, dl: Download, coordinator: RedisCoordinator, lock: BlobLock) -> bool:
+        """After the owner's stream fell silent: True once the owner renews its lock (it is
+        alive: ask it again), False once the lock is gone or another replica's (it expired: the
+        owner is cut off or frozen)."""
+        last = await coordinator.lock_ttl(dl.digest)
+        deadline = time.monotonic() + LOCK_TTL + 1.0
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            current = await coordinator.inflight(dl.digest)
+            if current is None or current.raw != lock.raw:
+                return False
+            ttl = await coordinator.lock_ttl(dl.digest)
+            if ttl is not None and last is not None and ttl > last:
+                return True
+            last = ttl
+        return True
 
     async def _rest_from_store(self, dl: Download) -> None:
         """Another replica committed the blob: read it (after the bytes we have) from the store."""
