@@ -12,12 +12,12 @@ silent for ``PEER_READ_TIMEOUT``), the follower keeps its clients' responses ope
 owner again from the byte it has (``Range``):
 
 * the owner answers: it is alive (a blip): the stream goes on from there;
-* the owner refuses the connection, or no longer has the download (a restarted process on the
-  same address): it is gone, and the follower deletes that owner's lock at once (only that
-  value: never a newer owner's);
-* the stream fell silent (a network cut, a frozen process): the follower watches the owner's
-  lock; renewed, the owner is alive and is asked again; expired (6 s after the owner's last
-  renewal), it is gone.
+* the owner's address refuses the connection, or the owner no longer has the download (a
+  restarted process on the same address): it is gone, and the follower deletes that owner's
+  lock at once (only that value: never a newer owner's);
+* the stream fell silent, or the owner is unreachable (a network cut, a frozen process, a name
+  that does not resolve): the follower watches the owner's lock; renewed, the owner is alive
+  and is asked again; expired (6 s after the owner's last renewal), it is gone.
 
 Once the lock is free, every follower races for it. The winner makes its writer durable (with
 S3 it starts uploading the parts it already has), resumes from upstream with
@@ -229,10 +229,9 @@ class Fleet:
                         dl.written,
                         exc,
                     )
-                    if isinstance(exc, TimeoutError) and not await self._renewed(
-                        dl, coordinator, lock
-                    ):
-                        continue  # silent, and its lock gone: race for it
+                    silent = isinstance(exc, TimeoutError | aiohttp.ClientConnectorError)
+                    if silent and not await self._renewed(dl, coordinator, lock):
+                        continue  # silent or unreachable, and its lock gone: race for it
                     # broken, or silent but alive: the next turn asks the owner again
             await asyncio.sleep(0.05)
 
@@ -284,10 +283,10 @@ class Fleet:
                 f"{url.rstrip('/')}{PEER_PATH}{dl.digest}", headers=headers, ssl=False
             ) as resp:
                 await self._read_peer(dl, resp, offset)
-        except aiohttp.ClientConnectorError as exc:  # refused: nothing listens there any more
-            if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-                raise
-            raise PeerGone(type(exc).__name__) from exc
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):  # nothing listens there now
+                raise PeerGone("connection refused") from exc
+            raise  # unreachable, a name that does not resolve: maybe a passing network fault
         if dl.size is not None and dl.written != dl.size:
             raise UpstreamUnreachable("peer stream ended early", upstream=dl.upstream.name)
         await self.downloads.commit(dl)
