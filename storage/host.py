@@ -5,7 +5,7 @@ opens it::
 
     <run>/locks             one byte-range lock per blob being downloaded (Linux "open file
                             description" locks: the kernel drops them when their holder dies)
-    <run>/inflight/<digest> the owner's record: its loopback URL, size, upstream, repository
+    <run>/inflight/<digest> the owner's record: who, its loopback URL, upstream, repository
     <run>/used              the host's bytes in use (8 bytes, read through mmap by everyone)
 
 :class:`HostCoordinator` has :class:`storage.redis.RedisCoordinator`'s interface, so the fleet's
@@ -32,6 +32,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from storage.redis import BlobLock
 
 #: ``struct flock`` on Linux (x86-64 and arm64): type, whence, start, len, pid.
 _FLOCK = "hhqqi4x"
@@ -60,6 +62,8 @@ class HostCoordinator:
         self._path = self.dir / "locks"
         self._probe = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._held: dict[str, int] = {}  # digest -> descriptor whose lock we hold
+        #: Who holds a lock, in its record (``BlobLock.owner``).
+        self.instance = f"pid{os.getpid()}"
 
     def close(self) -> None:
         for fd in self._held.values():
@@ -67,8 +71,11 @@ class HostCoordinator:
         self._held.clear()
         os.close(self._probe)
 
-    async def acquire(self, digest: str) -> bool | None:
-        """True: this worker owns the download; False: another download holds it."""
+    async def acquire(
+        self, digest: str, url: str = "", upstream: str = "", repository: str = ""
+    ) -> bool | None:
+        """True: this worker owns the download (reachable at ``url``); False: another download
+        holds it."""
         if digest in self._held:
             return False
         fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
@@ -80,10 +87,17 @@ class HostCoordinator:
                 return False
             raise
         self._held[digest] = fd
+        record = {"owner": self.instance, "url": url}
+        record.update(upstream=upstream, repository=repository)
+        path = self.dir / "inflight" / _name(digest)
+        scratch = path.with_name(f".{path.name}.{os.getpid()}")
+        scratch.write_text(json.dumps(record))
+        os.replace(scratch, path)
         return True
 
-    async def refresh(self, digest: str) -> None:
-        """Nothing to do: the lock lives as long as its holder."""
+    async def refresh(self, digest: str) -> bool:
+        """Nothing to renew: the lock lives as long as its holder."""
+        return digest in self._held
 
     async def release(self, digest: str) -> None:
         fd = self._held.pop(digest, None)
@@ -93,21 +107,30 @@ class HostCoordinator:
         (self.dir / "inflight" / _name(digest)).unlink(missing_ok=True)
         os.close(fd)
 
-    async def publish(
-        self, digest: str, url: str, size: int | None, upstream: str, repository: str
-    ) -> None:
-        record = {"url": url, "size": size, "upstream": upstream, "repository": repository}
-        path = self.dir / "inflight" / _name(digest)
-        scratch = path.with_name(f".{path.name}.{os.getpid()}")
-        scratch.write_text(json.dumps(record))
-        os.replace(scratch, path)
+    async def release_dead(self, digest: str, lock: BlobLock) -> bool:
+        """The lock of a worker that died is gone with it: True when nobody holds it."""
+        return not await self.locked(digest)
 
-    async def inflight(self, digest: str) -> dict[str, Any] | None:
-        try:
-            info: dict[str, Any] = json.loads((self.dir / "inflight" / _name(digest)).read_text())
-        except (OSError, ValueError):
+    async def inflight(self, digest: str) -> BlobLock | None:
+        """The worker holding the lock, and where it serves peers (None: nobody holds it)."""
+        if not await self.locked(digest):
             return None
-        return info
+        try:
+            raw = (self.dir / "inflight" / _name(digest)).read_bytes()
+            info = json.loads(raw)
+            return BlobLock(
+                raw,
+                str(info.get("owner") or ""),
+                str(info.get("url") or ""),
+                str(info.get("upstream") or ""),
+                str(info.get("repository") or ""),
+            )
+        except (OSError, ValueError):
+            return BlobLock(b"", "", "", "", "")  # locked, its record not written yet
+
+    async def lock_ttl(self, digest: str) -> int | None:
+        """None: a host's lock never expires (it goes with its holder)."""
+        return None
 
     async def locked(self, digest: str) -> bool:
         if digest in self._held:
@@ -198,42 +221,62 @@ class HostOverFleet:
         self.fleet = fleet
         self.host = host
         self.local_url = local_url
+        self._fleet_held: set[str] = set()
 
-    async def acquire(self, digest: str) -> bool | None:
-        if not await self.host.acquire(digest):
+    @property
+    def instance(self) -> str:
+        return str(self.fleet.instance)
+
+    async def acquire(
+        self, digest: str, url: str = "", upstream: str = "", repository: str = ""
+    ) -> bool | None:
+        if not await self.host.acquire(digest, self.local_url, upstream, repository):
             return False
-        if await self.fleet.acquire(digest) is False:
+        owned = await self.fleet.acquire(digest, url, upstream, repository)
+        if owned is False:
             await self.host.release(digest)
             return False
+        if owned:
+            self._fleet_held.add(digest)
         return True
 
-    async def refresh(self, digest: str) -> None:
-        await self.fleet.refresh(digest)
+    async def refresh(self, digest: str) -> bool:
+        if digest not in self._fleet_held:
+            return await self.host.refresh(digest)  # Redis was away: the host's lock alone
+        if await self.fleet.refresh(digest):
+            return True
+        # the fleet's lock is lost: let go of the host's, so the neighbours follow its new owner
+        self._fleet_held.discard(digest)
+        await self.host.release(digest)
+        return False
 
     async def release(self, digest: str) -> None:
+        self._fleet_held.discard(digest)
         await self.fleet.release(digest)
         await self.host.release(digest)
 
-    async def publish(
-        self, digest: str, url: str, size: int | None, upstream: str, repository: str
-    ) -> None:
-        await self.host.publish(digest, self.local_url, size, upstream, repository)
-        await self.fleet.publish(digest, url, size, upstream, repository)
+    async def release_dead(self, digest: str, lock: BlobLock) -> bool:
+        if await self.host.locked(digest):
+            return False  # a worker of this host holds it: it lives
+        return bool(await self.fleet.release_dead(digest, lock))
 
     async def local_owner(self, digest: str) -> str | None:
         """The loopback URL of the worker of this host downloading ``digest``, if one is."""
-        if not await self.host.locked(digest):
-            return None
         info = await self.host.inflight(digest)
-        return None if info is None else str(info.get("url") or "") or None
+        return None if info is None else info.url or None
 
-    async def inflight(self, digest: str) -> dict[str, Any] | None:
-        if await self.host.locked(digest):
-            info = await self.host.inflight(digest)
-            if info is not None:
-                return info
-        result: dict[str, Any] | None = await self.fleet.inflight(digest)
+    async def inflight(self, digest: str) -> BlobLock | None:
+        info = await self.host.inflight(digest)
+        if info is not None:
+            return info
+        result: BlobLock | None = await self.fleet.inflight(digest)
         return result
+
+    async def lock_ttl(self, digest: str) -> int | None:
+        if await self.host.locked(digest):
+            return None
+        ttl: int | None = await self.fleet.lock_ttl(digest)
+        return ttl
 
     async def locked(self, digest: str) -> bool:
         return await self.host.locked(digest) or bool(await self.fleet.locked(digest))

@@ -357,24 +357,30 @@ async def handle_peer_blob(request: web.Request) -> web.StreamResponse:
         owner = getattr(blobs.coordinator, "local_owner", None)
         url = None if owner is None else await owner(digest)
         if url and url != getattr(blobs.coordinator, "local_url", None):
-            return await _relay_peer(request, url, digest, token)
+            return await _relay_peer(request, url, digest, token, start)
         raise BlobUnknown({"digest": digest})
     return BlobFileResponse(local.path, digest=digest, headers={"Docker-Content-Digest": digest})
 
 
 async def _relay_peer(
-    request: web.Request, url: str, digest: str, token: str
+    request: web.Request, url: str, digest: str, token: str, start: int
 ) -> web.StreamResponse:
     timeout = aiohttp.ClientTimeout(sock_connect=5, sock_read=60)
+    headers = {PEER_HEADER: token}
+    if start:
+        headers["Range"] = f"bytes={start}-"
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(f"{url}{PEER_PATH}{digest}", headers={PEER_HEADER: token}) as resp,
+        session.get(f"{url}{PEER_PATH}{digest}", headers=headers) as resp,
     ):
-        if resp.status != 200:
+        if resp.status not in (200, 206):
             raise BlobUnknown({"digest": digest})
         out = web.StreamResponse(
-            headers={"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"}
+            status=resp.status,
+            headers={"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream"},
         )
+        if "Content-Range" in resp.headers:
+            out.headers["Content-Range"] = resp.headers["Content-Range"]
         if resp.content_length is not None:
             out.content_length = resp.content_length
         await out.prepare(request)
