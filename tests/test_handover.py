@@ -110,18 +110,20 @@ def fleet(
 
 
 @pytest.mark.parametrize(
-    ("how", "when"),
+    ("how", "when", "workers"),
     [
-        ("SIGKILL", "first bytes"),
-        ("SIGKILL", "middle"),
-        ("SIGKILL", "last MiB"),
-        ("SIGTERM", "middle"),  # with a drain shorter than the download: handed over
-        ("SIGSTOP", "middle"),  # as a network cut: silent, its lock no longer renewed
+        ("SIGKILL", "first bytes", 1),
+        ("SIGKILL", "middle", 1),
+        ("SIGKILL", "last MiB", 1),
+        ("SIGTERM", "middle", 1),  # with a drain shorter than the download: handed over
+        ("SIGSTOP", "middle", 1),  # as a network cut: silent, its lock no longer renewed
+        ("SIGKILL", "middle", 2),  # replicas of two worker processes each
     ],
 )
 async def test_losing_the_downloading_replica_cuts_no_client_of_the_others(
     how: str,
     when: str,
+    workers: int,
     redis_server: RedisServer,  # first: it stops after the replicas
     registry: Registry,
     front: FrontFactory,
@@ -139,7 +141,13 @@ async def test_losing_the_downloading_replica_cuts_no_client_of_the_others(
     upstream.add_fault(blob(digest, "GET"), Drip(2 * MiB))  # the first GET: about 3 s
     bucket = seaweed.bucket()
     owner, *others = fleet(
-        proxy_factory, seaweed, bucket, upstream, redis_server, tmp_path, "--drain-timeout", "1s"
+        proxy_factory,
+        seaweed,
+        bucket,
+        upstream,
+        redis_server,
+        tmp_path,
+        *("--drain-timeout", "1s", "--workers", str(workers)),
     )
     path = f"/v2/library/handover/blobs/{digest}"
 
