@@ -230,14 +230,14 @@ async def serve(
         draining = app.get(DRAINING)
         if draining is not None:
             draining.set()
-        waits: list[asyncio.Future[None]] = []
+        waits: list[asyncio.Future[object]] = []
         if drain_delay > 0:
             log.info("draining: /readyz answers 503, serving %gs more", drain_delay)
             waits.append(asyncio.ensure_future(asyncio.sleep(drain_delay)))
         if drain is not None:
             waits.append(asyncio.ensure_future(drain()))
-        second = asyncio.ensure_future(stop.wait())
-        pending = set(waits)
+        second: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+        pending: set[asyncio.Future[object]] = set(waits)
         while pending and not second.done():
             _, pending = await asyncio.wait({*pending, second}, return_when=asyncio.FIRST_COMPLETED)
             pending.discard(second)
