@@ -60,8 +60,10 @@ def wrk(
     headers: dict[str, str] | None = None,
     timeout: float = 60.0,
     server_pid: int | None = None,
+    cpus: str | None = None,
 ) -> WrkResult:
     """``wrk -c connections -d seconds`` against ``url``; non-2xx answers count as errors.
+    ``cpus``: run wrk on these CPUs only (``taskset -c``).
 
     With ``server_pid``, also the busy cores of that server (and of wrk) over the run. A body
     still arriving when the run ends counts with the bytes received so far (wrk counts every
@@ -75,6 +77,7 @@ def wrk(
         script = f.name
     try:
         argv = [
+            *(["taskset", "-c", cpus] if cpus else []),
             binary,
             "-t",
             str(min(threads, connections)),

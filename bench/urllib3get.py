@@ -261,8 +261,8 @@ def serve() -> int:
     from proxy.fetch import downloads, spool
 
     current = sys.modules[__name__]
-    downloads.threadget = current  # type: ignore[assignment]
-    spool.threadget = current  # type: ignore[assignment]
+    downloads.threadget = current  # type: ignore[attr-defined]
+    spool.threadget = current  # type: ignore[attr-defined]
     return main()
 
 

@@ -1,6 +1,7 @@
 """Warm blobs with ``wrk -t1 -c32 -d4s``: distribution against regproxy builds (issue #21).
 
-``python -m bench.warm_wrk [--repeat N] [--build NAME=DIR[,KEY=VALUE...] ...] [--sizes 32,1]``
+``python -m bench.warm_wrk [--repeat N] [--build NAME=DIR[,KEY=VALUE...] ...] [--sizes 32,1]
+[--server-cpus 0 --client-cpus 1]``
 
 One upstream (Debian's ``docker-registry``), distribution's pull-through cache in front of it, and
 one regproxy per ``--build`` (``NAME=DIR``: ``python -m proxy`` run from that source tree, with
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="32,1", help="blob sizes in MiB")
     parser.add_argument("--build", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--no-distribution", action="store_true")
+    parser.add_argument("--server-cpus", help="run every server on these CPUs (taskset -c 0)")
+    parser.add_argument("--client-cpus", help="run wrk on these CPUs (taskset -c 1)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/warm_wrk.jsonl"))
     args = parser.parse_args(argv)
     builds = [tuple(b.split("=", 1)) for b in args.build] or [("regproxy", str(servers.REPO_ROOT))]
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                 subject.server.cwd = Path(src)
                 subjects.append(subject)
             for subject in subjects:
+                if args.server_cpus:  # taskset execs: the PID stays the server's
+                    subject.server.argv[:0] = ["taskset", "-c", args.server_cpus]
                 subject.start()
                 for blob in blobs.values():
                     got = load.get(f"{subject.url}/v2/bench/blobs/blobs/{blob.digest}")
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                             connections=args.connections,
                             threads=1,
                             server_pid=subject.pid,  # its process tree (bench/cores.py)
+                            cpus=args.client_cpus,
                         )
                         cores = r.server_cores or 0.0
                         row = {

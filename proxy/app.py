@@ -57,9 +57,16 @@ from proxy.trust.settings import TrustSettings
 from storage import ContentStore, create_store
 from storage.base import MetadataStore
 from storage.eviction import CacheManager
-from storage.host import HostCoordinator, HostCounter, HostOverFleet, Worker
+from storage.host import (
+    HostCoordinator,
+    HostCounter,
+    HostFlight,
+    HostOverFleet,
+    HostWindows,
+    Worker,
+)
 from storage.identity import StoreClaim, StoreMismatch, store_identity
-from storage.redis import RedisCoordinator, RedisMetadata
+from storage.redis import RedisCoordinator, RedisFlight, RedisMetadata
 from storage.redis import close as close_redis
 from storage.redis import connect as connect_redis
 
@@ -198,8 +205,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     meta: MetadataStore = storage
     redis_client = claim = None
     host: HostCoordinator | None = None
+    windows = None
     if worker is not None:
         host = HostCoordinator(worker.run_dir, token=worker.token)
+        app[AUTH].throttle.host = windows = HostWindows(worker.run_dir / "windows")
     if host is not None and not config.redis_url:
         # the fleet's interface (proxy.fetch.fleet), on this host's files instead of Redis
         app[BLOBS].coordinator = cast(RedisCoordinator, host)
@@ -219,6 +228,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             app[BLOBS].coordinator = cast(RedisCoordinator, layered)
             app[BLOBS].fetcher.peer_token = app[BLOBS].fetcher.peer_token or worker.token
     app[MANIFESTS] = ManifestService(storage, meta, offline=config.offline)
+    host_flight = None
+    if redis_client is not None:  # one manifest GET for the fleet (its workers included)
+        app[MANIFESTS].flight = RedisFlight(redis_client, storage.instance)
+    elif worker is not None:  # ... or for this host's workers
+        app[MANIFESTS].flight = host_flight = HostFlight(worker.run_dir)
     app[LINKS] = Links(meta, offline=config.offline)
     app[REFERRERS] = ReferrersService(app[MANIFESTS], meta, offline=config.offline)
     app[PLATFORMS] = PlatformService(
@@ -288,6 +302,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await close_redis(redis_client)
         if host is not None:
             host.close()
+        if host_flight is not None:
+            host_flight.close()
+        if windows is not None:
+            app[AUTH].throttle.host = None
+            windows.close()
         if shared is not None:
             shared.close()
         await storage.close()

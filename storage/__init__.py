@@ -55,6 +55,9 @@ With ``--redis`` (keys made by ``storage.redis.key`` only; every record is also 
                                                         "url","upstream","repository"} (where
                                                         others stream it from); 6 s TTL, renewed
                                                         by its owner while it runs
+    regproxy:lock:flight:<what>                         the process asking upstream for a
+                                                        manifest or a tag now (10 s TTL);
+                                                        the others wait for its answer
     regproxy:peer-token                                 the secret replicas show each other
     regproxy:sync:lease:<upstream>:<repository>:<id>    the replica running a sync entry now
     regproxy:sync:status:<upstream>:<repository>:<id>   that entry's last result (proxy.ops.sync)

@@ -156,8 +156,11 @@ class TagEntry:
 class MetadataStore(Protocol):
     """Small mutable records, namespaced by upstream name and repository."""
 
-    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        """The remembered answer for a tag, or None."""
+    async def get_tag(
+        self, upstream: str, repository: str, tag: str, *, fresh: bool = False
+    ) -> TagEntry | None:
+        """The remembered answer for a tag, or None; ``fresh``: as stored now, not as this
+        process remembers it (another process may have asked upstream since)."""
 
     async def set_tag(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
         """Remember a tag's answer."""
@@ -172,3 +175,19 @@ class MetadataStore(Protocol):
         self, upstream: str, repository: str, kind: str, key: str, value: bytes
     ) -> None:
         """Store an opaque record, replacing any previous one atomically."""
+
+
+class Flight(Protocol):
+    """One process at a time does a piece of work named by ``key``; the others wait for it and
+    use its result from the store. Shared by the workers of a host (``storage.host``) or by the
+    fleet (``storage.redis``); within a process, ``proxy.core.singleflight`` coalesces first."""
+
+    async def lead(self, key: str) -> bool | None:
+        """True: this process does the work (and must :meth:`land`); False: another does it now;
+        None: cannot tell (the coordinator is away), so do it."""
+
+    async def land(self, key: str) -> None:
+        """The work this process led is over (done or failed)."""
+
+    async def landed(self, key: str) -> bool:
+        """Nobody holds ``key`` (its leader landed, or died)."""

@@ -246,8 +246,10 @@ class ContentStore:
         with self._counted():
             return await self.driver.delete(record_key(upstream, repository, kind, key))
 
-    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        cached = self._tags.get((upstream, repository, tag))
+    async def get_tag(
+        self, upstream: str, repository: str, tag: str, *, fresh: bool = False
+    ) -> TagEntry | None:
+        cached = None if fresh else self._tags.get((upstream, repository, tag))
         if cached is not None:
             return cached
         raw = await self.get_record(upstream, repository, "tags", tag)

@@ -7,12 +7,17 @@ opens it::
                             description" locks: the kernel drops them when their holder dies)
     <run>/inflight/<digest> the owner's record: who, its loopback URL, upstream, repository
     <run>/used              the host's bytes in use (8 bytes, read through mmap by everyone)
+    <run>/flights           one byte-range lock per manifest fetch or tag revalidation under way
+    <run>/windows           failed logins per client address (:class:`HostWindows`)
 
 :class:`HostCoordinator` has :class:`storage.redis.RedisCoordinator`'s interface, so the fleet's
 single flight (``proxy.fetch.fleet``) runs on it unchanged: the worker that takes a blob's lock
 fetches it, the others follow it over loopback HTTP (each worker listens on its own
 ``127.0.0.1`` port for that) or read the committed blob. A lock cannot outlive its worker (no
 TTL to wait out): a follower of a worker that died takes the lock over at once.
+
+:class:`HostFlight` does the same for manifests: one worker asks upstream for a manifest or a
+tag, the others wait for its answer in the store (Docker Hub counts manifest GETs).
 
 :class:`HostCounter` is the cache's size accounting shared by the workers (see
 ``storage.eviction``): every commit adds to it, the one worker that evicts sets it after each
@@ -29,6 +34,8 @@ import json
 import mmap
 import os
 import struct
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +157,123 @@ class HostCoordinator:
         return {}
 
 
+class HostFlight:
+    """:class:`storage.base.Flight` among the workers of a host: a byte-range lock per key in
+    ``<run>/flights`` (a manifest fetch, a tag's revalidation), dropped by the kernel with its
+    holder, so a follower of a worker that died does the work itself at once."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._path = Path(run_dir) / "flights"
+        self._probe = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._held: dict[str, int] = {}
+
+    async def lead(self, key: str) -> bool | None:
+        if key in self._held:
+            return False
+        fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, _offset(key)))
+        except OSError as exc:
+            os.close(fd)
+            if _busy(exc):
+                return False
+            raise
+        self._held[key] = fd
+        return True
+
+    async def land(self, key: str) -> None:
+        fd = self._held.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    async def landed(self, key: str) -> bool:
+        if key in self._held:
+            return False
+        probe = _flock(fcntl.F_WRLCK, _offset(key))
+        answer = fcntl.fcntl(self._probe, fcntl.F_OFD_GETLK, probe)
+        kind: int = struct.unpack(_FLOCK, answer)[0]
+        return kind == fcntl.F_UNLCK
+
+    def close(self) -> None:
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()
+        os.close(self._probe)
+
+
+class HostWindows:
+    """Counts per key in fixed windows, shared by the workers of a host (``<run>/windows``): the
+    login throttle's failed logins without Redis (``proxy.access.throttle``).
+
+    A table of ``SLOTS`` entries (a 64-bit hash of the key, its count, the end of its window on
+    ``CLOCK_MONOTONIC``, which every process of the host reads alike) in a shared mapping, under a
+    lock on the file. A key lives in one of ``PROBE`` slots from its hash; when all of them hold
+    live windows of other keys, the one that ends first gives way (as a single process's table
+    drops the oldest windows first when it is full).
+    """
+
+    SLOTS = 4096
+    PROBE = 16
+    _ENTRY = struct.Struct("Qqd")
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        size = self.SLOTS * self._ENTRY.size
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)
+        self._map = mmap.mmap(self._fd, size)
+
+    def add(self, key: str, window: float) -> tuple[int, float]:
+        """Count one for ``key``; (its count, its window's end) after that."""
+        mark, now = _mark(key), time.monotonic()
+        with _locked(self._fd):
+            slot, count, end = self._find(mark, now)
+            count, end = (count + 1, end) if count else (1, now + window)
+            self._ENTRY.pack_into(self._map, slot * self._ENTRY.size, mark, count, end)
+        return count, end
+
+    def get(self, key: str) -> tuple[int, float]:
+        """(count, end of window) of ``key``'s live window; (0, 0.0) when it has none."""
+        with _locked(self._fd):
+            _, count, end = self._find(_mark(key), time.monotonic())
+        return count, end
+
+    def _find(self, mark: int, now: float) -> tuple[int, int, float]:
+        """``mark``'s slot with its live count and end, else a free slot with (0, 0.0)."""
+        free = None
+        first = mark % self.SLOTS
+        for i in range(self.PROBE):
+            slot = (first + i) % self.SLOTS
+            held, count, end = self._ENTRY.unpack_from(self._map, slot * self._ENTRY.size)
+            if end <= now:  # empty or over
+                free = slot if free is None else free
+            elif held == mark:
+                return slot, count, end
+        if free is None:
+            slots = [(first + i) % self.SLOTS for i in range(self.PROBE)]
+            size = self._ENTRY.size
+            free = min(slots, key=lambda s: self._ENTRY.unpack_from(self._map, s * size)[2])
+        return free, 0, 0.0
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+
+def _mark(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+
+
+@contextlib.contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    """The whole file, between the processes of the host (a few microseconds at a time)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_WRLCK, 0, 0))
+    try:
+        yield
+    finally:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, 0, 0))
+
+
 def _name(digest: str) -> str:
     return digest.replace(":", "-").replace("/", "_")
 
@@ -169,23 +293,15 @@ class HostCounter:
         return value
 
     def set(self, value: int) -> int:
-        with self._locked():
+        with _locked(self._fd):
             struct.pack_into("q", self._map, 0, value)
         return value
 
     def add(self, delta: int) -> int:
-        with self._locked():
+        with _locked(self._fd):
             value = self.value + delta
             struct.pack_into("q", self._map, 0, value)
         return value
-
-    @contextlib.contextmanager
-    def _locked(self) -> Any:
-        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_WRLCK, 0, 8))
-        try:
-            yield
-        finally:
-            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, 0, 8))
 
     def close(self) -> None:
         self._map.close()

@@ -205,11 +205,13 @@ class RedisMetadata:
         self.disk = disk
         self.guard = _Guard()
 
-    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
+    async def get_tag(
+        self, upstream: str, repository: str, tag: str, *, fresh: bool = False
+    ) -> TagEntry | None:
         name = key("tag", upstream, repository, tag)
         raw = await self.guard(lambda: self.client.get(name), _AWAY)
         if raw is _AWAY:
-            return await self.disk.get_tag(upstream, repository, tag)
+            return await self.disk.get_tag(upstream, repository, tag, fresh=fresh)
         if raw is not None:
             try:
                 return TagEntry(**json.loads(raw))  # type: ignore[arg-type]
@@ -470,3 +472,35 @@ class RedisCoordinator:
                 call = partial(self._forget, keys=[key("access")], args=args)
                 removed += int(await self.guard(call, 0))
         return removed
+
+
+#: A flight's lock (``regproxy:lock:flight:<key>``) is not renewed: a manifest or a tag answer
+#: takes well under this; a replica that dies holding one delays the others this long at most.
+FLIGHT_TTL_MS = 10_000
+
+
+class RedisFlight:
+    """:class:`storage.base.Flight` for the fleet: ``SET NX PX`` on ``regproxy:lock:flight:<key>``
+    with a value of this process's own, deleted by compare-and-delete. Redis away: everyone
+    leads (per-process single flight, as without Redis)."""
+
+    def __init__(self, client: aioredis.Redis, instance: str) -> None:
+        self.client = client
+        self.guard = _Guard()
+        self._value = f"{instance}:{secrets.token_hex(4)}".encode()
+
+    async def lead(self, name: str) -> bool | None:
+        name = key("lock", "flight", name)
+        ok = await self.guard(
+            lambda: self.client.set(name, self._value, nx=True, px=FLIGHT_TTL_MS), _AWAY
+        )
+        return None if ok is _AWAY else bool(ok)
+
+    async def land(self, name: str) -> None:
+        await self.guard(
+            lambda: self.client.eval(_DELETE_IF, 1, key("lock", "flight", name), self._value), None
+        )
+
+    async def landed(self, name: str) -> bool:
+        found = await self.guard(lambda: self.client.exists(key("lock", "flight", name)), 0)
+        return not found

@@ -7,7 +7,9 @@ password grant) and Basic credentials on ``/v2/``; the fleet's count shared thro
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,6 +121,25 @@ async def test_the_fleet_counts_failures_together_with_redis(
         status, headers, body = await login(proxy, "alice", "x5")
         assert status == 429 and error_code(body) == "TOOMANYREQUESTS"
         assert 50 <= int(headers["Retry-After"]) <= 60
+
+
+async def test_the_workers_of_a_host_count_failures_together(
+    registry: Registry, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Without Redis, four failures across two workers reach a limit of four: every login after
+    them answers 429, whichever worker takes its connection (each request is a new one)."""
+    config = write_config(tmp_path, failures=4, window="1m")
+    proxy = proxy_factory(registry.url, extra_args=["--config", str(config)], workers=2)
+    for password in ("x1", "x2", "x3", "x4"):
+        assert (await login(proxy, "alice", password))[0] == 401
+    for _ in range(8):
+        status, headers, body = await login(proxy, "bob", "x5")
+        assert status == 429 and error_code(body) == "TOOMANYREQUESTS"
+        assert 50 <= int(headers["Retry-After"]) <= 60
+    # both workers answered: the count is the host's, not one worker's
+    line = re.compile(r" (w\d+) INFO proxy\.access request method=GET path=/token\?")
+    answered = Counter(line.findall(proxy.logs()))
+    assert len(answered) == 2 and sum(answered.values()) == 12, answered
 
 
 def test_login_limit_settings_are_checked() -> None:

@@ -22,7 +22,7 @@ import bcrypt
 import pytest
 import trustme
 
-from tests.harness.front import Drip, Front, blob
+from tests.harness.front import Drip, Front, Stall, blob, manifest
 from tests.harness.images import seed_image
 from tests.harness.proxyproc import ProxyProcess
 from tests.harness.redis import RedisServer
@@ -155,6 +155,55 @@ async def test_workers_of_replicas_sharing_redis_fetch_a_blob_once(
         assert status == 200 and sha256(body) == digest
     assert upstream.count("GET", f"/blobs/{digest}") == 1
     assert_streamed(results)
+
+
+@pytest.mark.parametrize("fleet", [False, True], ids=["host", "redis"])
+async def test_a_burst_of_pulls_costs_one_manifest_get(
+    fleet: bool,
+    registry: Registry,
+    front: FrontFactory,
+    proxy_factory: ProxyFactory,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Docker Hub's pull limit counts manifest GETs: CLIENTS pulls at once of one tag, over the
+    workers of a host (or two replicas on one Redis), are one HEAD of the tag and one GET of each
+    manifest upstream, and every client gets the exact bytes."""
+    image = seed_image(registry, "library/burst", "1", platforms=("linux/amd64", "linux/arm64"))
+    child = image.child("linux/arm64")
+    upstream = front(registry)
+    # each manifest request takes 1 s upstream: every client asks while the first is under way
+    for ref in ("1", image.digest, child.digest):
+        upstream.add_fault(manifest(ref), Stall(1.0), times=100)
+    if fleet:
+        args = ["--redis", redis_server.url]
+        volume = tmp_path / "volume"
+        proxies = [
+            proxy_factory(upstream.url, storage=volume, extra_args=args, workers=2)
+            for _ in range(2)
+        ]
+    else:
+        proxies = [proxy_factory(upstream.url, workers=2)]
+    urls = [p.url for p in proxies for _ in range(CLIENTS // len(proxies))]
+
+    asked = [("1", image.digest, image.raw), (child.digest, child.digest, child.raw)]
+    for ref, digest, raw in asked:
+        path = f"/v2/library/burst/manifests/{ref}"
+        results = await asyncio.gather(*(fetch(f"{url}{path}") for url in urls))
+        for status, headers, body in results:
+            assert status == 200 and body == raw, (status, body[:200])
+            assert headers["Docker-Content-Digest"] == digest
+        served = Counter[str]()
+        for _ in range(50):  # a worker logs a request once its answer is sent
+            served = Counter(f"{p.url} {w}" for p in proxies for w in served_by(p, path).elements())
+            if sum(served.values()) == CLIENTS:
+                break
+            await asyncio.sleep(0.1)
+        assert sum(served.values()) == CLIENTS and len(served) >= 2, served
+    assert upstream.count("HEAD", "/manifests/1") == 1
+    assert upstream.count("GET", "/manifests/1") == 0
+    assert upstream.count("GET", f"/manifests/{image.digest}") == 1
+    assert upstream.count("GET", f"/manifests/{child.digest}") == 1
 
 
 async def test_workers_on_s3_fetch_once_and_share_the_local_tier(

@@ -17,7 +17,8 @@ its address is throttled). An unknown user asking ``/token`` for scopes is not a
 that is the Docker Hub login a Docker daemon sends to every mirror.
 
 With Redis the counts are shared by the fleet (``SET NX PX`` and ``INCR`` in one transaction on
-``regproxy:login-failures:<address>``); without it, or while it is away, each replica counts in
+``regproxy:login-failures:<address>``); without it, or while it is away, each replica counts on
+its own: the workers of a host together (``storage.host.HostWindows``), a single process in
 memory. The address is the TCP peer's: behind a load balancer that is the balancer's own unless
 it keeps client addresses (Kubernetes: ``externalTrafficPolicy: Local``, PROXY protocol ends
 before regproxy), so give throttled clients their own way in or raise ``failures`` there.
@@ -37,6 +38,7 @@ from redis.exceptions import RedisError
 
 from proxy.core.errors import TooManyRequests
 from proxy.core.settings import ConfigError, parse_duration
+from storage.host import HostWindows
 from storage.redis import key as redis_key
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ class LoginThrottle:
         self.limit = limit
         #: Shared counts; set once Redis is connected (``proxy.app``). None: memory only.
         self.redis: aioredis.Redis | None = None
+        #: The counts of this host's workers (``regproxy serve --workers N``); None: this process.
+        self.host: HostWindows | None = None
         #: Called once per login answered 429 (metrics).
         self.on_throttled: Callable[[], None] = lambda: None
         self._local: dict[str, tuple[int, float]] = {}  # address -> (failures, window end)
@@ -127,6 +131,9 @@ class LoginThrottle:
                 return
             except (RedisError, OSError, TimeoutError) as exc:
                 self._redis_away(exc)
+        if self.host is not None:
+            self.host.add(client, self.limit.window)
+            return
         now = time.monotonic()
         count, end = self._local.get(client, (0, 0.0))
         if end <= now:
@@ -148,7 +155,10 @@ class LoginThrottle:
                 return None
             except (RedisError, OSError, TimeoutError, ValueError) as exc:
                 self._redis_away(exc)
-        count, end = self._local.get(client, (0, 0.0))
+        if self.host is not None:
+            count, end = self.host.get(client)
+        else:
+            count, end = self._local.get(client, (0, 0.0))
         now = time.monotonic()
         if count >= self.limit.failures and end > now:
             return max(1, math.ceil(end - now))

@@ -6,6 +6,11 @@
   revalidated with a HEAD (Docker Hub does not count HEADs against the pull limit); a GET happens
   only when the digest changed or the upstream's HEAD carries no digest. A client's HEAD never
   becomes an upstream GET.
+* Across processes (the workers of a host, the replicas of a fleet): a ``flight``
+  (``storage.base.Flight``) lets one of them ask upstream for a manifest or a tag while the
+  others wait for its answer in the store, so a burst of pulls costs one manifest GET however
+  many processes take it (Docker Hub's pull limit counts manifest GETs). A leader that fails or
+  dies leaves the others to ask themselves.
 * Stale-if-error: when revalidation fails (refused, timeout, 5xx, 429) and the tag's manifest is
   cached, the cached one is served, marked ``X-Cache: STALE`` and logged. A 404 from upstream is
   an answer, not an error: the tag is forgotten and the client gets MANIFEST_UNKNOWN.
@@ -13,13 +18,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from proxy.core.errors import (
     ManifestUnknown,
@@ -35,14 +42,19 @@ from proxy.core.media import ACCEPT_MANIFESTS, MANIFEST_TYPES
 from proxy.core.reference import digest_of, is_digest
 from proxy.core.singleflight import SingleFlight
 from proxy.fetch.upstream import Upstream
-from storage.base import MetadataStore, TagEntry
+from storage.base import Flight, MetadataStore, TagEntry
 from storage.content import ContentStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: The OCI spec's bound: manifests up to 4 MiB must be accepted; we refuse larger ones.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 MAX_TAGS_LIST_SIZE = 16 * 1024 * 1024
+#: How long a process waits for another's manifest fetch before asking upstream itself (seconds),
+#: and how often it looks.
+FLIGHT_WAIT = 30.0
+FLIGHT_POLL = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +104,8 @@ class ManifestService:
         self.offline = offline
         self._fetches: SingleFlight[tuple[str, str], Manifest] = SingleFlight()
         self._revalidations: SingleFlight[tuple[str, str, str], TagEntry] = SingleFlight()
+        #: Shared with the other processes on this store (None: this process alone).
+        self.flight: Flight | None = None
 
     async def get(
         self, upstream: Upstream, repository: str, reference: str, *, head: bool
@@ -121,7 +135,12 @@ class ManifestService:
             if head:
                 return await self._head(upstream, repository, digest)
             return await self._fetches.run(
-                (repository, digest), lambda: self._fetch(upstream, repository, digest)
+                (repository, digest),
+                lambda: self._shared(
+                    f"manifest:{digest}",
+                    lambda: self._fetch(upstream, repository, digest),
+                    lambda started: self.local(digest, "MISS"),
+                ),
             )
         except UpstreamError as exc:
             raise to_registry_error(exc, not_found=ManifestUnknown) from exc
@@ -192,9 +211,13 @@ class ManifestService:
         self, upstream: Upstream, repository: str, tag: str, *, head: bool, force: bool = False
     ) -> Manifest:
         """``force``: ask upstream (HEAD) even within the tag TTL (scheduled sync does)."""
+        ttl = upstream.config.tag_ttl
         entry = await self.meta.get_tag(upstream.name, repository, tag)
+        if entry is not None and self.flight is not None and time.time() - entry.checked_at >= ttl:
+            # what this process remembers is old: another may have asked upstream since
+            entry = await self.meta.get_tag(upstream.name, repository, tag, fresh=True)
         if entry is not None and (
-            self.offline or (not force and time.time() - entry.checked_at < upstream.config.tag_ttl)
+            self.offline or (not force and time.time() - entry.checked_at < ttl)
         ):
             answer = await self._answer(upstream, repository, entry, head=head, cache="HIT")
             if answer is not None:
@@ -204,7 +227,11 @@ class ManifestService:
         try:
             fresh = await self._revalidations.run(
                 (upstream.name, repository, tag),
-                lambda: self._revalidate(upstream, repository, tag),
+                lambda: self._shared(
+                    f"tag:{upstream.name}:{repository}:{tag}",
+                    lambda: self._revalidate(upstream, repository, tag),
+                    lambda started: self._checked_since(upstream.name, repository, tag, started),
+                ),
             )
         except UpstreamError as exc:
             if entry is not None and not (isinstance(exc, UpstreamStatus) and exc.status == 404):
@@ -260,6 +287,43 @@ class ManifestService:
         entry = TagEntry(answer.digest, answer.media_type, answer.size, time.time())
         await self._keep(self.meta.set_tag(upstream.name, repository, tag, entry))
         return entry
+
+    async def _checked_since(
+        self, upstream: str, repository: str, tag: str, since: float
+    ) -> TagEntry | None:
+        entry = await self.meta.get_tag(upstream, repository, tag, fresh=True)
+        return entry if entry is not None and entry.checked_at >= since else None
+
+    # -- across processes ------------------------------------------------------------------------
+
+    async def _shared(
+        self,
+        name: str,
+        work: Callable[[], Awaitable[T]],
+        answer: Callable[[float], Awaitable[T | None]],
+    ) -> T:
+        """``work()`` in one process of those sharing ``self.flight``; the others wait until it
+        lands, then take ``answer(started)`` from the store (``started``: when they began to
+        wait, a Unix time), or do the work themselves when there is none (the leader failed)."""
+        flight = self.flight
+        if flight is None:
+            return await work()
+        started = time.time()
+        held = await flight.lead(name)
+        if held is False:
+            for _ in range(int(FLIGHT_WAIT / FLIGHT_POLL)):  # another process: no event to await
+                if await flight.landed(name):
+                    break
+                await asyncio.sleep(FLIGHT_POLL)
+            found = await answer(started)
+            if found is not None:
+                return found
+            held = await flight.lead(name)  # False: another follower leads now; not twice
+        try:
+            return await work()
+        finally:
+            if held:
+                await flight.land(name)
 
     # -- tags/list -------------------------------------------------------------------------------
 
