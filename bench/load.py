@@ -5,17 +5,19 @@ Every run is bounded: wrk by ``-d`` (and a subprocess timeout), skopeo and curl 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.cores import busy, tree_cpu_seconds
-from bench.procs import LIVE, run, status_kib, wait_quiet
+from bench.procs import LIVE, run, tree_pss_kib, wait_quiet
 
 WRK_SCRIPT = """\
 done = function(summary, latency, requests)
@@ -230,7 +232,8 @@ def pull_many(
 class StreamResult:
     seconds: float
     bytes: int
-    peak_rss_mb: float
+    #: Peak proportional set size of the server's process tree (``procs.tree_pss_kib``).
+    peak_mem_mb: float
     cpu_s: float
 
     @property
@@ -243,12 +246,31 @@ class StreamResult:
 
 
 def stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
-    """GET ``url`` with curl into /dev/null; the server's peak RSS and CPU seconds meanwhile.
+    """GET ``url`` with curl into /dev/null; the server's peak memory and CPU seconds meanwhile.
 
-    CPU: the server's whole process tree (bench/cores.py); peak RSS: the process ``pid`` only.
-
-    Call it on a fresh server process: ``VmHWM`` is the peak over the process's life.
+    Both of the server's whole process tree: CPU from bench/cores.py; memory its proportional
+    set size (``procs.tree_pss_kib``), sampled every 20 ms from before the request until the
+    server is idle again, the largest sample kept. Call it on a fresh server process.
     """
+    peak = [tree_pss_kib(pid)]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.02):
+            with contextlib.suppress(KeyError):
+                peak.append(tree_pss_kib(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = _stream(url, pid, expected, timeout)
+    finally:
+        sampling.set()
+        sampler.join()
+    return StreamResult(result.seconds, result.bytes, max(peak) / 1024, result.cpu_s)
+
+
+def _stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
     cpu0 = tree_cpu_seconds(pid)
     t0 = time.perf_counter()
     out = run(
@@ -274,7 +296,7 @@ def stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
     # part of the cold GB's cost.
     wait_quiet([pid])
     cpu = tree_cpu_seconds(pid) - cpu0
-    return StreamResult(seconds, got, status_kib(pid, "VmHWM") / 1024, cpu)
+    return StreamResult(seconds, got, 0.0, cpu)
 
 
 def get(url: str, headers: dict[str, str] | None = None, timeout: float = 300.0) -> int:

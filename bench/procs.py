@@ -193,17 +193,19 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(_cpu_or_none(child) or 0.0 for child in children(pid))
 
 
-def status_kib(pid: int, key: str) -> int:
-    """A ``kB`` figure from ``/proc/PID/status`` (``VmHWM``, ``VmRSS``), summed over ``pid``
-    and its live children (the workers of a ``--workers N`` server)."""
+def tree_pss_kib(pid: int) -> int:
+    """Proportional set size (``Pss`` of ``/proc/PID/smaps_rollup``) of ``pid`` and its live
+    children, in KiB: each page shared by n of them counts 1/n in each, so the sum is the memory
+    the tree holds once (what its cgroup is charged). Summed RSS would count the pages the
+    workers of a ``--workers N`` server share with their parent after ``fork`` N + 1 times."""
     total = 0
     for one in (pid, *children(pid)):
         try:
-            with open(f"/proc/{one}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+            with open(f"/proc/{one}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
         except (OSError, StopIteration):
             if one == pid:
-                raise KeyError(key) from None
+                raise KeyError("Pss") from None
     return total
 
 

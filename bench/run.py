@@ -60,7 +60,7 @@ CLIENT_BOUND = 0.9
 @dataclass
 class Params:
     small_blob: int = 1 * MiB
-    #: Warm (figure 1) and cold (peak RSS beside the huge blob's).
+    #: Warm (figure 1) and cold (peak memory beside the huge blob's).
     large_blob: int = 32 * MiB
     #: Warm only (figure 1).
     xlarge_blob: int = 256 * MiB
@@ -488,12 +488,12 @@ class Bench:
         p = self.p
         assert self.dist and self.reg and self.huge and self.large
         title = f"cold {_size(p.huge_blob)} blob, one client"
-        rss = self.figure("stream_rss", f"Peak RSS, {title}", "MB", "lower")
+        rss = self.figure("stream_rss", f"Peak memory (PSS), {title}", "MB", "lower")
         cpu = self.figure("stream_cpu", f"CPU per GB served, {title}", "CPU s/GB", "lower")
         speed = self.figure("stream_speed", f"Throughput, {title}", "MB/s", "higher")
         rss_large = self.figure(
             "stream_rss_large",
-            f"Peak RSS, cold {_size(p.large_blob)} blob, one client",
+            f"Peak memory (PSS), cold {_size(p.large_blob)} blob, one client",
             "MB",
             "lower",
         )
@@ -508,10 +508,10 @@ class Bench:
                     self._blob_url(subject, self.huge), subject.pid, self.huge.size, timeout
                 )
                 self.log(
-                    f"  {subject.name:12} {r.mb_per_s:8.0f} MB/s, peak RSS {r.peak_rss_mb:.0f} MB, "
+                    f"  {subject.name:12} {r.mb_per_s:8.0f} MB/s, peak PSS {r.peak_mem_mb:.0f} MB, "
                     f"{r.cpu_s_per_gb:.2f} CPU s/GB"
                 )
-                return [r.peak_rss_mb, r.cpu_s_per_gb, r.mb_per_s]
+                return [r.peak_mem_mb, r.cpu_s_per_gb, r.mb_per_s]
 
             def large(subject: servers.Subject = subject) -> list[float]:
                 assert self.large
@@ -520,9 +520,9 @@ class Bench:
                     self._blob_url(subject, self.large), subject.pid, self.large.size, timeout
                 )
                 self.log(
-                    f"  {subject.name:12} {_size(p.large_blob)}: peak RSS {r.peak_rss_mb:.0f} MB"
+                    f"  {subject.name:12} {_size(p.large_blob)}: peak PSS {r.peak_mem_mb:.0f} MB"
                 )
-                return [r.peak_rss_mb]
+                return [r.peak_mem_mb]
 
             self._measure([rss, cpu, speed], subject.name, huge)
             self._measure([rss_large], subject.name, large)

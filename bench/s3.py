@@ -22,8 +22,8 @@ reference column is regproxy on its filesystem backend):
    local read tier, distribution reads S3 on every request;
 2. cold pull of ``bench/image:v1`` (skopeo) with the cache emptied (bucket prefix and work dir):
    regproxy-s3 against regproxy on the filesystem;
-3. peak RSS streaming the 1 GiB blob (and the large one) from a fresh process whose local state is
-   empty while the blob is in S3 only: memory must not grow with the size.
+3. peak memory (PSS) streaming the 1 GiB blob (and the large one) from a fresh process whose
+   local state is empty while the blob is in S3 only: memory must not grow with the size.
 
 A subject that cannot start (e.g. a regproxy without the S3 backend) or fails a measurement gets
 "failed: <reason>" in its cells; the other subjects are still measured.
@@ -390,11 +390,11 @@ class S3Scenario:
         b, p = self.b, self.b.p
         assert b.huge and self.large
         title = f"{_size(b.huge.size)} blob held in S3 only, fresh process, one client"
-        rss = b.figure("s3_stream_rss", f"On S3: peak RSS, {title}", "MB", "lower")
+        rss = b.figure("s3_stream_rss", f"On S3: peak memory (PSS), {title}", "MB", "lower")
         speed = b.figure("s3_stream_speed", f"On S3: throughput, {title}", "MB/s", "higher")
         rss_large = b.figure(
             "s3_stream_rss_large",
-            f"On S3: peak RSS, {_size(self.large.size)} blob held in S3 only",
+            f"On S3: peak memory (PSS), {_size(self.large.size)} blob held in S3 only",
             "MB",
             "lower",
         )
@@ -407,9 +407,9 @@ class S3Scenario:
                 subject.restart_local_empty()
                 r = load.stream(b._blob_url(subject, b.huge), subject.pid, b.huge.size, timeout)
                 b.log(
-                    f"  {subject.name:16} {r.mb_per_s:8.0f} MB/s, peak RSS {r.peak_rss_mb:.0f} MB"
+                    f"  {subject.name:16} {r.mb_per_s:8.0f} MB/s, peak PSS {r.peak_mem_mb:.0f} MB"
                 )
-                return [r.peak_rss_mb, r.mb_per_s]
+                return [r.peak_mem_mb, r.mb_per_s]
 
             def large(subject: S3Subject = subject) -> list[float]:
                 assert self.large
@@ -418,9 +418,9 @@ class S3Scenario:
                     b._blob_url(subject, self.large), subject.pid, self.large.size, timeout
                 )
                 b.log(
-                    f"  {subject.name:16} {_size(self.large.size)}: peak RSS {r.peak_rss_mb:.0f} MB"
+                    f"  {subject.name:16} {_size(self.large.size)}: peak PSS {r.peak_mem_mb:.0f} MB"
                 )
-                return [r.peak_rss_mb]
+                return [r.peak_mem_mb]
 
             if name not in self.broken:
                 try:  # the huge blob into S3 once, through this cache (the large one is there)

@@ -10,7 +10,7 @@
                      files at the same URLs (``/v2/<name>/blobs/sha256:<hex>``).
 
 ``fresh()`` stops a proxy, deletes its storage and starts it again: a cold cache and a new process
-(so ``VmHWM``, the peak RSS, starts from zero too).
+(so the peak memory is this run's).
 """
 
 from __future__ import annotations

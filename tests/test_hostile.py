@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.cache.sendfile import sendfile_to_transport
+from proxy.cache.sendfile import NOTSENT_LOWAT, sendfile_to_transport
 from tests.harness.front import (
     Drip,
     Front,
@@ -957,25 +957,39 @@ async def test_vanishing_clients_are_not_logged_as_server_errors(
     assert " status=500 " not in logs
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of loopback TCP sockets."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    return ours, theirs
+
+
 @pytest.mark.served_loop
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
 async def test_sendfile_sends_every_byte_to_a_slow_reader(
-    tmp_path: Path, request: pytest.FixtureRequest
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """sendfile_to_transport on the server's loop: the headers the transport holds go first,
     then the file from an offset, waiting for writability when the socket is full (uvloop
-    refuses add_writer on a fd its transport owns: the wait is on a duplicate)."""
+    refuses add_writer on a fd its transport owns: the wait is on a duplicate). Over TCP the
+    socket holds at most NOTSENT_LOWAT unsent bytes, and is writable only below that."""
     loop = asyncio.get_running_loop()
     if "[uvloop]" in request.node.name:
         assert type(loop).__module__.startswith("uvloop"), type(loop)
-    ours, theirs = socket.socketpair()
+    ours, theirs = socket.socketpair() if kind == "unix" else tcp_pair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     theirs.setblocking(False)
-    transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
+    if kind == "unix":
+        transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
+    else:
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
     data = os.urandom(4 * MiB)
     blob_path = tmp_path / "blob"
     blob_path.write_bytes(data)
     fd = os.open(blob_path, os.O_RDONLY)
     received = bytearray()
+    lowat = 0
 
     async def read_slowly() -> None:
         while len(received) < 5 + len(data) - 1000:
@@ -986,11 +1000,13 @@ async def test_sendfile_sends_every_byte_to_a_slow_reader(
             await asyncio.sleep(0.001)
 
     try:
-        transport.write(b"HEAD:")  # type: ignore[attr-defined]
+        transport.write(b"HEAD:")
         reader = asyncio.create_task(read_slowly())
         sent = await asyncio.wait_for(
             sendfile_to_transport(transport, fd, 1000, len(data) - 1000), 30
         )
+        if kind == "tcp":
+            lowat = ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
         await asyncio.wait_for(reader, 30)
     finally:
         os.close(fd)
@@ -998,6 +1014,8 @@ async def test_sendfile_sends_every_byte_to_a_slow_reader(
         theirs.close()
     assert sent == len(data) - 1000
     assert bytes(received) == b"HEAD:" + data[1000:]
+    if kind == "tcp":
+        assert lowat == NOTSENT_LOWAT
 
 
 @pytest.mark.served_loop
