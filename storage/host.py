@@ -59,6 +59,27 @@ def _busy(exc: OSError) -> bool:
     return exc.errno in (errno.EAGAIN, errno.EACCES)
 
 
+def _try_lock(path: Path, offset: int) -> int | None:
+    """A new descriptor of ``path`` holding the lock on byte ``offset``; None when another
+    open file description holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
+    except OSError as exc:
+        os.close(fd)
+        if _busy(exc):
+            return None
+        raise
+    return fd
+
+
+def _locked_by_any(probe: int, offset: int) -> bool:
+    """Whether any open file description but ``probe``'s holds byte ``offset``."""
+    answer = fcntl.fcntl(probe, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, offset))
+    kind: int = struct.unpack(_FLOCK, answer)[0]
+    return kind != fcntl.F_UNLCK
+
+
 class HostCoordinator:
     """Single flight for blob downloads across the workers of one host; see the module doc."""
 
@@ -85,14 +106,9 @@ class HostCoordinator:
         holds it."""
         if digest in self._held:
             return False
-        fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, _offset(digest)))
-        except OSError as exc:
-            os.close(fd)
-            if _busy(exc):
-                return False
-            raise
+        fd = _try_lock(self._path, _offset(digest))
+        if fd is None:
+            return False
         self._held[digest] = fd
         record = {"owner": self.instance, "url": url}
         record.update(upstream=upstream, repository=repository)
@@ -142,10 +158,7 @@ class HostCoordinator:
     async def locked(self, digest: str) -> bool:
         if digest in self._held:
             return True
-        probe = _flock(fcntl.F_WRLCK, _offset(digest))
-        answer = fcntl.fcntl(self._probe, fcntl.F_OFD_GETLK, probe)
-        kind: int = struct.unpack(_FLOCK, answer)[0]
-        return kind != fcntl.F_UNLCK
+        return _locked_by_any(self._probe, _offset(digest))
 
     async def peer_token(self) -> str | None:
         return self.token
@@ -170,14 +183,9 @@ class HostFlight:
     async def lead(self, key: str) -> bool | None:
         if key in self._held:
             return False
-        fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, _offset(key)))
-        except OSError as exc:
-            os.close(fd)
-            if _busy(exc):
-                return False
-            raise
+        fd = _try_lock(self._path, _offset(key))
+        if fd is None:
+            return False
         self._held[key] = fd
         return True
 
@@ -189,10 +197,7 @@ class HostFlight:
     async def landed(self, key: str) -> bool:
         if key in self._held:
             return False
-        probe = _flock(fcntl.F_WRLCK, _offset(key))
-        answer = fcntl.fcntl(self._probe, fcntl.F_OFD_GETLK, probe)
-        kind: int = struct.unpack(_FLOCK, answer)[0]
-        return kind == fcntl.F_UNLCK
+        return not _locked_by_any(self._probe, _offset(key))
 
     def close(self) -> None:
         for fd in self._held.values():
