@@ -6,6 +6,7 @@ Every run is bounded: wrk by ``-d`` (and a subprocess timeout), skopeo and curl 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -267,10 +268,11 @@ def stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
     finally:
         sampling.set()
         sampler.join()
-    return StreamResult(result.seconds, result.bytes, max(peak) / 1024, result.cpu_s)
+    return dataclasses.replace(result, peak_mem_mb=max(peak) / 1024)
 
 
 def _stream(url: str, pid: int, expected: int, timeout: float) -> StreamResult:
+    """:func:`stream` but for the memory (``peak_mem_mb`` 0)."""
     cpu0 = tree_cpu_seconds(pid)
     t0 = time.perf_counter()
     out = run(

@@ -232,7 +232,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if redis_client is not None:  # one manifest GET for the fleet (its workers included)
         app[MANIFESTS].flight = RedisFlight(redis_client, storage.instance)
     elif worker is not None:  # ... or for this host's workers
-        app[MANIFESTS].flight = host_flight = HostFlight(worker.run_dir)
+        app[MANIFESTS].flight = host_flight = HostFlight(worker.run_dir / "flights")
     app[LINKS] = Links(meta, offline=config.offline)
     app[REFERRERS] = ReferrersService(app[MANIFESTS], meta, offline=config.offline)
     app[PLATFORMS] = PlatformService(

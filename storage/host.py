@@ -59,27 +59,6 @@ def _busy(exc: OSError) -> bool:
     return exc.errno in (errno.EAGAIN, errno.EACCES)
 
 
-def _try_lock(path: Path, offset: int) -> int | None:
-    """A new descriptor of ``path`` holding the lock on byte ``offset``; None when another
-    open file description holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
-    except OSError as exc:
-        os.close(fd)
-        if _busy(exc):
-            return None
-        raise
-    return fd
-
-
-def _locked_by_any(probe: int, offset: int) -> bool:
-    """Whether any open file description but ``probe``'s holds byte ``offset``."""
-    answer = fcntl.fcntl(probe, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, offset))
-    kind: int = struct.unpack(_FLOCK, answer)[0]
-    return kind != fcntl.F_UNLCK
-
-
 class HostCoordinator:
     """Single flight for blob downloads across the workers of one host; see the module doc."""
 
@@ -87,29 +66,20 @@ class HostCoordinator:
         self.dir = Path(run_dir)
         self.token = token
         (self.dir / "inflight").mkdir(exist_ok=True)
-        self._path = self.dir / "locks"
-        self._probe = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._held: dict[str, int] = {}  # digest -> descriptor whose lock we hold
+        self._locks = HostFlight(self.dir / "locks")
         #: Who holds a lock, in its record (``BlobLock.owner``).
         self.instance = f"pid{os.getpid()}"
 
     def close(self) -> None:
-        for fd in self._held.values():
-            os.close(fd)
-        self._held.clear()
-        os.close(self._probe)
+        self._locks.close()
 
     async def acquire(
         self, digest: str, url: str = "", upstream: str = "", repository: str = ""
     ) -> bool | None:
         """True: this worker owns the download (reachable at ``url``); False: another download
         holds it."""
-        if digest in self._held:
+        if not self._locks.take(digest):
             return False
-        fd = _try_lock(self._path, _offset(digest))
-        if fd is None:
-            return False
-        self._held[digest] = fd
         record = {"owner": self.instance, "url": url}
         record.update(upstream=upstream, repository=repository)
         path = self.dir / "inflight" / _name(digest)
@@ -120,15 +90,14 @@ class HostCoordinator:
 
     async def refresh(self, digest: str) -> bool:
         """Nothing to renew: the lock lives as long as its holder."""
-        return digest in self._held
+        return self._locks.holds(digest)
 
     async def release(self, digest: str) -> None:
-        fd = self._held.pop(digest, None)
-        if fd is None:
+        if not self._locks.holds(digest):
             return
         # the record first: once unlocked, a new owner's record must not be removed by us
         (self.dir / "inflight" / _name(digest)).unlink(missing_ok=True)
-        os.close(fd)
+        self._locks.drop(digest)
 
     async def release_dead(self, digest: str, lock: BlobLock) -> bool:
         """The lock of a worker that died is gone with it: True when nobody holds it."""
@@ -156,9 +125,7 @@ class HostCoordinator:
         return None
 
     async def locked(self, digest: str) -> bool:
-        if digest in self._held:
-            return True
-        return _locked_by_any(self._probe, _offset(digest))
+        return self._locks.anyone_holds(digest)
 
     async def peer_token(self) -> str | None:
         return self.token
@@ -171,33 +138,60 @@ class HostCoordinator:
 
 
 class HostFlight:
-    """:class:`storage.base.Flight` among the workers of a host: a byte-range lock per key in
-    ``<run>/flights`` (a manifest fetch, a tag's revalidation), dropped by the kernel with its
-    holder, so a follower of a worker that died does the work itself at once."""
+    """:class:`storage.base.Flight` among the workers of a host: a byte-range lock per key in one
+    file (``<run>/flights``: a manifest fetch, a tag's revalidation; :class:`HostCoordinator`'s
+    blob locks are another), dropped by the kernel with its holder, so a follower of a worker
+    that died does the work itself at once."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self._path = Path(run_dir) / "flights"
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
         self._probe = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._held: dict[str, int] = {}
+        self._held: dict[str, int] = {}  # key -> descriptor whose lock we hold
 
-    async def lead(self, key: str) -> bool | None:
+    def holds(self, key: str) -> bool:
+        """This process holds ``key``."""
+        return key in self._held
+
+    def take(self, key: str) -> bool:
+        """Hold ``key``; False when this process or another one already holds it."""
         if key in self._held:
             return False
-        fd = _try_lock(self._path, _offset(key))
-        if fd is None:
-            return False
+        fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, _offset(key)))
+        except OSError as exc:
+            os.close(fd)
+            if _busy(exc):
+                return False
+            raise
         self._held[key] = fd
         return True
 
-    async def land(self, key: str) -> None:
+    def drop(self, key: str) -> bool:
+        """Let ``key`` go; False when this process did not hold it."""
         fd = self._held.pop(key, None)
-        if fd is not None:
-            os.close(fd)
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
+
+    def anyone_holds(self, key: str) -> bool:
+        """This process or another one holds ``key``."""
+        if key in self._held:
+            return True
+        probe = _flock(fcntl.F_WRLCK, _offset(key))
+        answer = fcntl.fcntl(self._probe, fcntl.F_OFD_GETLK, probe)
+        kind: int = struct.unpack(_FLOCK, answer)[0]
+        return kind != fcntl.F_UNLCK
+
+    async def lead(self, key: str) -> bool | None:
+        return self.take(key)
+
+    async def land(self, key: str) -> None:
+        self.drop(key)
 
     async def landed(self, key: str) -> bool:
-        if key in self._held:
-            return False
-        return not _locked_by_any(self._probe, _offset(key))
+        return not self.anyone_holds(key)
 
     def close(self) -> None:
         for fd in self._held.values():
@@ -222,11 +216,7 @@ class HostWindows:
     _ENTRY = struct.Struct("Qqd")
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        size = self.SLOTS * self._ENTRY.size
-        if os.fstat(self._fd).st_size < size:
-            os.ftruncate(self._fd, size)
-        self._map = mmap.mmap(self._fd, size)
+        self._fd, self._map = _mapped(path, self.SLOTS * self._ENTRY.size)
 
     def add(self, key: str, window: float) -> tuple[int, float]:
         """Count one for ``key``; (its count, its window's end) after that."""
@@ -265,6 +255,14 @@ class HostWindows:
         os.close(self._fd)
 
 
+def _mapped(path: Path, size: int) -> tuple[int, mmap.mmap]:
+    """``path`` (made ``size`` bytes long if shorter) open and mapped shared."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_size < size:
+        os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size)
+
+
 def _mark(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
@@ -287,10 +285,7 @@ class HostCounter:
     """One signed 64-bit number shared by the workers of a host (``<run>/used``)."""
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self._fd).st_size < 8:
-            os.ftruncate(self._fd, 8)
-        self._map = mmap.mmap(self._fd, 8)
+        self._fd, self._map = _mapped(path, 8)
 
     @property
     def value(self) -> int:
